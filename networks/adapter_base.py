@@ -1,0 +1,623 @@
+"""What every network module in this folder shares: the sd-scripts plumbing around one algorithm.
+
+sd-scripts' train_network.py drives a network module through a fixed contract (create_network,
+create_network_from_weights, apply_to, prepare_optimizer_params, save_weights, merge_to, ...). This file
+implements that contract once, over `AdapterModule`, the small base class each algorithm file subclasses
+(para.py, krona.py). It finds the target layers by class name as sd-scripts does, names them with
+sd-scripts' keys (`lora_unet_...`, `lora_te_...`, SGM names for SDXL), hooks their forward without
+replacing the module objects, and reads and writes the files with sd-scripts' addnet hashes.
+
+Needs only torch, safetensors and the standard library, so the folder can be dropped into sd-scripts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "lora_unet"
+TEXT_ENCODER_PREFIX = "lora_te"
+
+# sd-scripts' defaults, matched by class name so that diffusers' and sd-scripts' own UNet classes both match.
+UNET_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+LAYER_CLASSES = ("Linear", "Conv2d")
+
+
+class NetworkArgsError(ValueError):
+    """A network argument (network_dim, network_args, ...) that cannot be used."""
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read, or that does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Which layers, under which names
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Which layers a preset adapts. Name filters are regexes over the sd-scripts key (`lora_unet_...`)."""
+
+    text_encoder: bool
+    conv_blocks: str  # UNet resnet blocks and samplers: "with_conv_dim" (as sd-scripts), "always" or "never"
+    only: str | None = None
+    exclude: str | None = None
+    description: str = ""
+
+
+PRESETS = {
+    "full": Preset(
+        text_encoder=True, conv_blocks="with_conv_dim",
+        description="sd-scripts' default targets: the Linear/1x1 layers of the UNet's transformer blocks and of "
+        "the text encoders' attention and MLP; resnet blocks and samplers too when conv_dim is set"),
+    "exca": Preset(
+        text_encoder=False, conv_blocks="always", exclude=r"_attn2_|_time_emb_proj$|_emb_layers_1$",
+        description="the PaRa paper's choice (ExCA): every layer of the UNet's transformer and resnet blocks and "
+        "samplers except cross-attention (attn2) and the time-embedding projections; 3x3 convs at conv_dim "
+        "(default: network_dim); no text encoder"),
+    "attn-only": Preset(
+        text_encoder=True, conv_blocks="never", only=r"_attn[12]_to_(q|k|v|out_0)$|_self_attn_(q|k|v|out)_proj$",
+        description="q/k/v/out of the UNet's self- and cross-attention and of the text encoders' self-attention"),
+    "sao": Preset(
+        text_encoder=False, conv_blocks="never", only=r"_attn1_to_(q|k|v|out_0)$",
+        description="self-attention only (the paper's SAO subset): q/k/v/out of the UNet's attn1"),
+}
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    lora_name: str  # sd-scripts key, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    layer: nn.Module  # an nn.Linear or nn.Conv2d of the model
+    in_unet: bool
+    text_encoder_index: int | None = None  # 1-based index for SDXL's two text encoders
+
+    @property
+    def is_conv3x3(self) -> bool:
+        return self.layer.__class__.__name__ == "Conv2d" and tuple(self.layer.kernel_size) != (1, 1)
+
+
+def as_text_encoder_list(text_encoder) -> list[nn.Module]:
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, (list, tuple)):
+        return [te for te in text_encoder if te is not None]
+    return [text_encoder]
+
+
+def text_encoder_prefixes(text_encoders: list[nn.Module]) -> list[str]:
+    if len(text_encoders) == 1:
+        return [TEXT_ENCODER_PREFIX]
+    return [f"{TEXT_ENCODER_PREFIX}{i + 1}" for i in range(len(text_encoders))]
+
+
+def text_encoder_module_path(text_encoder: nn.Module, path: str) -> str:
+    # transformers 5's CLIPTextModel lost its `.text_model` level; keep the names every tool knows.
+    return path if hasattr(text_encoder, "text_model") else "text_model." + path
+
+
+_SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                      "conv_shortcut": "skip_connection"}
+
+
+def is_diffusers_sdxl_unet(unet: nn.Module) -> bool:
+    config = getattr(unet, "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time" and hasattr(unet, "down_blocks")
+
+
+def sdxl_unet_path_to_sgm(path: str, up_blocks_with_attention: set[int]) -> str:
+    """diffusers SDXL UNet module path -> the SGM/LDM path of sd-scripts' SDXL UNet (input_blocks...).
+
+    Paths outside the down/mid/up blocks (time embedding, conv_in/out) are returned unchanged.
+    """
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        head = "middle_block.1" if kind == "attentions" else f"middle_block.{2 * index}"
+    elif parts[0] in ("down_blocks", "up_blocks"):
+        down = parts[0] == "down_blocks"
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            head = f"input_blocks.{3 + 3 * block}.0"
+            rest = ["op"] + rest[1:]  # Downsample2D.conv is SGM's Downsample.op
+        elif kind == "upsamplers":
+            head = f"output_blocks.{3 * block + 2}.{2 if block in up_blocks_with_attention else 1}"
+        else:
+            number = 1 + 3 * block + index if down else 3 * block + index
+            head = f"{'input' if down else 'output'}_blocks.{number}.{0 if kind == 'resnets' else 1}"
+    else:
+        return path
+    if kind == "resnets" and rest and rest[0] in _SGM_RESNET_LAYERS:
+        rest = _SGM_RESNET_LAYERS[rest[0]].split(".") + rest[1:]
+    return ".".join([head] + rest)
+
+
+def _unet_path_namer(unet: nn.Module) -> Callable[[str], str]:
+    if not is_diffusers_sdxl_unet(unet):
+        return lambda path: path
+    with_attention = {i for i, block in enumerate(unet.up_blocks) if hasattr(block, "attentions")}
+    return lambda path: sdxl_unet_path_to_sgm(path, with_attention)
+
+
+def lora_name(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}".replace(".", "_")
+
+
+def named_layers(text_encoder, unet, block_classes_unet: Iterable[str] | None = None,
+                 block_classes_te: Iterable[str] | None = None) -> list[TargetLayer]:
+    """Linear/Conv2d layers under the given block classes (None: every layer), with their sd-scripts names.
+
+    A layer reachable through several target blocks is listed once.
+    """
+    found: dict[str, TargetLayer] = {}
+
+    def collect(root, prefix, blocks, namer, in_unet, te_index):
+        for path, module in root.named_modules():
+            if blocks is not None and module.__class__.__name__ not in blocks:
+                continue
+            for child_path, child in (module.named_modules() if blocks is not None else [("", module)]):
+                if child.__class__.__name__ not in LAYER_CLASSES:
+                    continue
+                full_path = ".".join(p for p in (path, child_path) if p)
+                name = lora_name(prefix, namer(full_path))
+                if name in found and found[name].layer is not child:
+                    raise RuntimeError(f"two layers map to the same key {name}")
+                found[name] = TargetLayer(name, child, in_unet, te_index)
+
+    text_encoders = as_text_encoder_list(text_encoder)
+    for i, (te, prefix) in enumerate(zip(text_encoders, text_encoder_prefixes(text_encoders))):
+        te_index = i + 1 if len(text_encoders) > 1 else None
+        collect(te, prefix, block_classes_te, lambda p, te=te: text_encoder_module_path(te, p), False, te_index)
+    if unet is not None:
+        collect(unet, UNET_PREFIX, block_classes_unet, _unet_path_namer(unet), True, None)
+    return list(found.values())
+
+
+def select_target_layers(text_encoder, unet, preset: Preset, conv_dim_set: bool,
+                         include: str | None = None, exclude: str | None = None) -> list[TargetLayer]:
+    """The layers a preset adapts, narrowed by the user's include/exclude regexes over sd-scripts keys."""
+    with_conv = preset.conv_blocks == "always" or (preset.conv_blocks == "with_conv_dim" and conv_dim_set)
+    unet_blocks = UNET_TRANSFORMER_BLOCKS + (UNET_CONV_BLOCKS if with_conv else ())
+    te_blocks = TEXT_ENCODER_BLOCKS if preset.text_encoder else ()
+    selected = []
+    for target in named_layers(text_encoder, unet, unet_blocks, te_blocks):
+        name = target.lora_name
+        if (preset.only and not re.search(preset.only, name)) or (preset.exclude and re.search(preset.exclude, name)):
+            continue
+        if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
+            continue
+        selected.append(target)
+    return selected
+
+
+# --------------------------------------------------------------------------------------------------
+# network_args: strings from sd-scripts' command line, checked once here
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_network_args(kwargs: dict, spec: dict[str, Callable], unsupported: dict[str, str] | None = None) -> dict:
+    """Convert sd-scripts' string network_args with `spec` (name -> converter); unknown names are errors."""
+    parsed = {}
+    for key, value in kwargs.items():
+        if unsupported and key in unsupported:
+            raise NetworkArgsError(f"network_args {key} is not supported by this network module: {unsupported[key]}")
+        if key not in spec:
+            raise NetworkArgsError(
+                f"unknown network_args key {key!r}{closest(key, spec)}; known keys: {', '.join(sorted(spec))}")
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            parsed[key] = None
+            continue
+        try:
+            parsed[key] = spec[key](value)
+        except (TypeError, ValueError) as error:
+            raise NetworkArgsError(f"network_args {key}={value!r}: {error}") from None
+    return parsed
+
+
+def positive_int(value) -> int:
+    number = int(str(value).strip()) if not isinstance(value, int) else value
+    if number <= 0:
+        raise ValueError("must be a whole number above 0")
+    return number
+
+
+def probability(value) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise ValueError("must be a probability in [0, 1)")
+    return number
+
+
+def regex(value) -> str:
+    try:
+        re.compile(str(value))
+    except re.error as error:
+        raise ValueError(f"not a valid regular expression ({error})") from None
+    return str(value)
+
+
+def choice(choices: Iterable[str]) -> Callable[[str], str]:
+    options = list(choices)
+
+    def convert(value) -> str:
+        value = str(value).strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}{closest(value, options)}")
+        return value
+
+    return convert
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: read with clear errors, write atomically with sd-scripts' addnet hashes
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """sd-scripts' sshs_model_hash and sshs_legacy_hash, over the file as written with only ss_* metadata."""
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_size = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_size:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never a truncated file under `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(handle)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def write_adapter_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """.safetensors with metadata and addnet hashes; .pt/.ckpt as a plain tensor dict, as sd-scripts does."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        metadata = dict(metadata or {})
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
+        _atomic_write(path, lambda temp: save_file(tensors, temp, metadata))
+    else:
+        _atomic_write(path, lambda temp: torch.save(tensors, temp))
+
+
+def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file; .pt/.ckpt load with weights_only (no code is run)."""
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"adapter file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            raise AdapterFileError(
+                f"{path} is not a readable .safetensors file (truncated or corrupt?): {error}. "
+                "Re-download or re-export it.") from None
+        return tensors, metadata
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise AdapterFileError(f"{path} is not a readable tensor file: {error}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterFileError(f"{path} does not hold a dict of tensors")
+    return state, {}
+
+
+def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`lora_unet_x.para_q` -> {"lora_unet_x": {"para_q": ...}}: split at the first dot, as the WebUIs do."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, part = key.partition(".")
+        groups.setdefault(module, {})[part] = tensor
+    return groups
+
+
+def describe_file_model(metadata: dict[str, str]) -> str:
+    version = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
+    return f" (the file says it was trained on {version})" if version else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# One adapted layer
+
+
+class AdapterModule(nn.Module):
+    """One adapted Linear/Conv2d layer. Subclasses give the algorithm; this class hooks, merges and restores.
+
+    The base layer is hooked as sd-scripts does (its `forward` attribute is replaced; the module object and
+    its name stay), and kept outside this module's parameters and state_dict.
+    """
+
+    # The tensors this module writes to a file, without the "<lora_name>." prefix (what loaders key on).
+    file_keys: tuple[str, ...] = ()
+
+    def __init__(self, lora_name: str, layer: nn.Module, multiplier: float = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__()
+        if layer.__class__.__name__ not in LAYER_CLASSES:
+            raise TypeError(f"{lora_name}: cannot adapt a {layer.__class__.__name__}")
+        self.lora_name = lora_name
+        self._base = (layer,)  # a tuple hides the layer from parameters(), state_dict() and .to()
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.merged = False
+        self._org_forward = None
+        self._weight_backup: torch.Tensor | None = None
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.layer.__class__.__name__ == "Conv2d"
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.weight[0].numel()  # in * kh * kw for a conv
+
+    # ---- hooking
+
+    def apply_to(self) -> None:
+        if self._org_forward is not None:
+            return
+        self._org_forward = self.layer.forward
+        self.layer.forward = self.forward
+
+    def remove(self) -> None:
+        """Give the layer its own forward back."""
+        if self._org_forward is None:
+            return
+        if self.layer.__dict__.get("forward") == self.forward:
+            if getattr(self._org_forward, "__self__", None) is self.layer and \
+                    self._org_forward.__func__ is type(self.layer).forward:
+                del self.layer.forward
+            else:
+                self.layer.forward = self._org_forward
+        self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forward(x)
+        if self.merged or self.multiplier == 0:
+            return out
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return out
+        return self.adapt_output(x, out)
+
+    # ---- what an algorithm supplies
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in float32 and the layer's weight shape, with the multiplier applied."""
+        raise NotImplementedError
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # ---- merging into the base weight and back
+
+    @torch.no_grad()
+    def merge(self, device=None) -> None:
+        """W <- W + ΔW, computed in float32; `restore_weight` gives W back bit for bit."""
+        if self.merged:
+            return
+        weight = self.layer.weight
+        self._weight_backup = weight.detach().to("cpu", copy=True)
+        if device is not None:
+            self.to(device)
+        delta = self.delta_weight().to(weight.device)
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def restore_weight(self) -> None:
+        if not self.merged:
+            return
+        self.layer.weight.copy_(self._weight_backup)
+        self._weight_backup = None
+        self.merged = False
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# The network: sd-scripts' interface over a set of AdapterModules
+
+
+class AdapterNetwork(nn.Module):
+    """sd-scripts' network interface (kohya-contract §1), shared by every algorithm in this folder."""
+
+    network_module = "networks.adapter_base"  # what ss_network_module says; subclasses override
+
+    def __init__(self, modules: list[AdapterModule], multiplier: float = 1.0, metadata: dict | None = None):
+        super().__init__()
+        self.multiplier = multiplier
+        self.text_encoder_modules = [m for m in modules if not m.lora_name.startswith(UNET_PREFIX)]
+        self.unet_modules = [m for m in modules if m.lora_name.startswith(UNET_PREFIX)]
+        self.file_metadata = dict(metadata or {})  # what this network writes into every file it saves
+        for module in modules:
+            module.multiplier = multiplier
+            self.add_module(module.lora_name, module)  # state_dict keys: <lora_name>.<parameter>
+
+    @property
+    def adapter_modules(self) -> list[AdapterModule]:
+        return self.text_encoder_modules + self.unet_modules
+
+    # ---- sd-scripts' calls
+
+    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True):
+        dropped = (self.text_encoder_modules if not apply_text_encoder else []) + (
+            self.unet_modules if not apply_unet else [])
+        for module in dropped:
+            delattr(self, module.lora_name)
+        self.text_encoder_modules = self.text_encoder_modules if apply_text_encoder else []
+        self.unet_modules = self.unet_modules if apply_unet else []
+        for module in self.adapter_modules:
+            module.apply_to()
+
+    def restore(self) -> None:
+        """Un-hook every layer (the reverse of apply_to)."""
+        for module in self.adapter_modules:
+            module.remove()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for module in self.adapter_modules:
+            module.multiplier = multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def load_weights(self, file: str):
+        tensors, _ = read_adapter_file(file)
+        return self.load_file_state(tensors, file)
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor], source: str = "the weights"):
+        """Load file tensors into the modules; returns (missing modules, unexpected modules) as sd-scripts prints."""
+        groups = group_by_module(tensors)
+        by_name = {m.lora_name: m for m in self.adapter_modules}
+        for name, module in by_name.items():
+            if name in groups:
+                module.load_file_tensors(groups[name])
+        missing = sorted(set(by_name) - set(groups))
+        unexpected = sorted(set(groups) - set(by_name))
+        if missing or unexpected:
+            logger.warning("%s: %d modules of the network not in %s, %d modules of it not in the network",
+                           self.network_module, len(missing), source, len(unexpected))
+        return {"missing_modules": missing, "unexpected_modules": unexpected}
+
+    def enable_gradient_checkpointing(self) -> None:
+        pass  # nothing to do: adapters recompute with their layers
+
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        self.train()
+
+    def on_step_start(self, text_encoder=None, unet=None) -> None:
+        pass
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
+        if isinstance(text_encoder_lr, (list, tuple)):
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
+
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
+        """One group per text encoder (SDXL: one learning rate each, or one for both) and one for the UNet."""
+        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        by_encoder: dict[str, list[AdapterModule]] = {}
+        for module in self.text_encoder_modules:
+            by_encoder.setdefault(module.lora_name.split("_")[1], []).append(module)  # "te", "te1", "te2"
+        groups, descriptions = [], []
+
+        def add(modules, lr, description):
+            params = [p for m in modules for p in m.parameters()]
+            lr = default_lr if lr is None else lr
+            if not params or lr == 0:
+                return
+            group = {"params": params}
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+            descriptions.append(description)
+
+        for i, (encoder, modules) in enumerate(sorted(by_encoder.items())):
+            lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else None
+            add(modules, lr, "textencoder" if len(by_encoder) == 1 else f"textencoder{i + 1}")
+        add(self.unet_modules, unet_lr, "unet")
+        return groups, descriptions
+
+    def apply_max_norm_regularization(self, max_norm_value, device):
+        raise NotImplementedError
+
+    # ---- files
+
+    def file_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        state = {}
+        for module in self.adapter_modules:
+            for key, tensor in module.file_tensors().items():
+                state[f"{module.lora_name}.{key}"] = tensor.to(dtype) if dtype is not None else tensor
+        return state
+
+    def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
+        metadata = dict(metadata) if metadata else {}
+        for key, value in self.file_metadata.items():
+            metadata.setdefault(key, value)
+        metadata.setdefault("ss_network_module", self.network_module)
+        write_adapter_file(file, self.file_state(dtype), metadata)
+
+    # ---- merging (sd-scripts' --base_weights and inference)
+
+    def merge_to(self, text_encoder=None, unet=None, weights_sd=None, dtype=None, device=None) -> None:
+        if weights_sd is not None:
+            self.load_file_state(weights_sd)
+        for module in self.adapter_modules:
+            module.merge(device)
+
+    def restore_weights(self) -> None:
+        """Undo merge_to: every merged layer gets its original weight back, bit for bit."""
+        for module in self.adapter_modules:
+            module.restore_weight()
+
+    def trainable_parameter_count(self) -> int:
+        return sum(m.trainable_parameter_count() for m in self.adapter_modules)
+
+
+def layers_for_file(text_encoder, unet, groups: dict[str, dict], metadata: dict, file: str) -> list[TargetLayer]:
+    """The model layers a file's modules belong to; the first module that does not fit is an error."""
+    layers = {t.lora_name: t for t in named_layers(text_encoder, unet)}
+    for name in groups:
+        if name not in layers:
+            raise AdapterFileError(
+                f"{file} does not fit this model: its module {name} has no layer in the model"
+                f"{describe_file_model(metadata)}. Use the base model the adapter was trained on.")
+    return [target for name, target in layers.items() if name in groups]  # the model's order, as create_network

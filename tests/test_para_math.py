@@ -1,0 +1,166 @@
+"""PaRa's math on single layers: the hooked forward, merging and restoring against W0 - m·QQᵀW0."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks import para
+
+
+class Transformer2DModel(nn.Module):
+    """Stands in for diffusers' block of the same class name (targets are matched by class name)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+
+class ResnetBlock2D(Transformer2DModel):
+    pass
+
+
+class TinyUNet(nn.Module):
+    def __init__(self, layer, block):
+        super().__init__()
+        self.block = block(layer)
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(24, 40), Transformer2DModel, lambda: torch.randn(3, 7, 24)),
+    "conv1x1": (lambda: nn.Conv2d(12, 20, 1), Transformer2DModel, lambda: torch.randn(2, 12, 5, 6)),
+    "conv3x3": (lambda: nn.Conv2d(12, 20, 3, padding=1, stride=2), ResnetBlock2D, lambda: torch.randn(2, 12, 9, 8)),
+}
+
+
+def build(kind, rank=5, multiplier=1.0, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    make_layer, block, make_input = LAYERS[kind]
+    unet = TinyUNet(make_layer(), block).to(dtype)
+    network = para.create_network(multiplier, rank, 1, None, None, unet, conv_dim=str(rank))
+    network.to(dtype)
+    network.apply_to(None, unet, False, True)
+    (module,) = network.adapter_modules
+    with torch.no_grad():  # move B away from its orthonormal init so that Q != B
+        module.para_b.add_(0.3 * torch.randn_like(module.para_b))
+    return unet, network, module, make_input().to(dtype)
+
+
+def reference_output(layer, x, w):
+    bias = layer.bias.to(w.dtype)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, bias)
+    return F.conv2d(x, w, bias, layer.stride, layer.padding)
+
+
+def projected_weight(w0, b, multiplier):
+    q, _ = torch.linalg.qr(b.double())
+    flat = w0.double().reshape(w0.shape[0], -1)
+    return (flat - multiplier * q @ (q.T @ flat)).reshape(w0.shape)
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+def test_forward_merge_and_restore_match_projected_weight(kind, multiplier):
+    unet, network, module, x = build(kind, multiplier=multiplier)
+    layer = module.layer
+    w0 = layer.weight.detach().clone()
+    expected = reference_output(layer, x.double(), projected_weight(w0, module.para_b.detach(), multiplier)).float()
+    with torch.no_grad():
+        hooked = layer(x)
+    assert relative_error(hooked, expected) <= 1e-5
+
+    network.merge_to()
+    with torch.no_grad():
+        merged = layer(x)  # the hook must not project a second time
+    assert relative_error(merged, hooked) <= 1e-5
+    assert not torch.equal(layer.weight, w0)
+
+    network.restore_weights()
+    assert torch.equal(layer.weight, w0)
+    network.restore()
+    assert "forward" not in layer.__dict__  # the layer's own forward is back
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference_output(layer, x, w0))
+
+
+def test_projection_invariants_of_merged_weight():
+    torch.manual_seed(1)
+    unet = TinyUNet(nn.Linear(32, 32, bias=False), Transformer2DModel).double()
+    rank = 6
+    network = para.create_network(1.0, rank, 1, None, None, unet).double()
+    network.apply_to(None, unet, False, True)
+    with torch.no_grad():
+        network.adapter_modules[0].para_b.add_(torch.randn(32, rank, dtype=torch.float64))
+    w0 = unet.block.layer.weight.detach().clone()
+    network.merge_to()
+    m = (w0 - unet.block.layer.weight.detach()) @ torch.linalg.inv(w0)
+    assert torch.allclose(m @ m, m, atol=1e-10)
+    assert torch.allclose(m, m.T, atol=1e-10)
+    assert abs(torch.trace(m).item() - rank) < 1e-10
+    assert torch.linalg.matrix_rank(m).item() == rank
+
+
+def test_batched_bases_equal_per_module_qr():
+    torch.manual_seed(2)
+    bs = [torch.randn(40, 4) for _ in range(3)]
+    q_batched, _ = para.orthonormal_basis(torch.stack(bs))
+    for b, q in zip(bs, q_batched):
+        q_single, _ = torch.linalg.qr(b)
+        assert torch.allclose(q @ q.T, q_single @ q_single.T, atol=1e-6)
+
+
+def test_qr_runs_in_float32_under_autocast():
+    b = torch.randn(40, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, conditioning = para.orthonormal_basis(b)
+    assert q.dtype == torch.float32
+    assert torch.allclose(q.T @ q, torch.eye(4), atol=1e-6)
+    assert 0 < conditioning.item() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_autocast_forward_and_backward_stay_finite(kind, dtype):
+    unet, network, module, x = build(kind)
+    network.train()
+    with torch.autocast("cpu", dtype=dtype):
+        out = module.layer(x)
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    assert module.para_b.grad is not None and torch.isfinite(module.para_b.grad).all()
+    assert module.para_b.grad.abs().sum() > 0
+
+
+def test_rank_loss_is_detected_not_trained_on():
+    unet, network, module, x = build("linear")
+    with torch.no_grad():
+        module.para_b[:, 1] = module.para_b[:, 0]  # two equal columns: rank lost
+        module.layer(x)
+    with pytest.raises(para.ParaRankLossError, match="lost rank"):
+        network.on_step_start()
+    with torch.no_grad():
+        module.para_b.fill_(float("nan"))
+    with pytest.raises(para.ParaRankLossError, match="NaN"):
+        network.save_weights("/nonexistent/never-written.safetensors")
+
+
+def test_dropouts_only_act_in_training():
+    torch.manual_seed(3)
+    unet = TinyUNet(nn.Linear(24, 40), Transformer2DModel)
+    network = para.create_network(1.0, 5, 1, None, None, unet, neuron_dropout=0.5, rank_dropout="0.5",
+                                  module_dropout="0.5")
+    network.apply_to(None, unet, False, True)
+    x = torch.randn(4, 24)
+    network.eval()
+    with torch.no_grad():
+        assert torch.equal(unet.block.layer(x), unet.block.layer(x))
+    network.train()
+    with torch.no_grad():
+        outputs = {tuple(unet.block.layer(x).flatten()[:8].tolist()) for _ in range(8)}
+    assert len(outputs) > 1
