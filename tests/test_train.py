@@ -1,0 +1,183 @@
+"""train_para.py end to end on the embedded tiny models: files, metadata, learning, resume, processes, bad input."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from networks import para
+from para_trainer import tiny_models
+from para_trainer.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "para_trainer", "example_data")
+
+
+def base_args(out, model="builtin:tiny-sd1", steps=3, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", os.path.join(DATA, "train"),
+            "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(out), "--output_name", "run",
+            "--network_dim", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--seed", "7",
+            *extra]
+
+
+def read_file(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize("model, version, architecture", [
+    ("builtin:tiny-sd1", "sd_v1", "stable-diffusion-v1/lora"),
+    ("builtin:tiny-sd2", "sd_v2_v", "stable-diffusion-v2-768-v/lora"),
+    ("builtin:tiny-sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+])
+def test_end_to_end_on_each_tiny_model(model, version, architecture, tmp_path):
+    assert main(base_args(tmp_path, model, 2, "--network_args", "conv_dim=2")) == 0
+    tensors, metadata = read_file(tmp_path / "run.safetensors")
+    assert metadata["ss_base_model_version"] == version
+    assert metadata["modelspec.architecture"] == architecture
+    assert metadata["ss_network_module"] == "networks.para"
+    assert metadata["ss_steps"] == "2" and metadata["ss_network_dim"] == "2"
+    assert metadata["ss_network_args"] == '{"conv_dim": "2", "dropout": null}'
+    assert all(k.endswith(".para_q") for k in tensors)
+    if version.startswith("sdxl"):
+        assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
+        assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in tensors)
+    rows = list(csv.DictReader(open(tmp_path / "run_train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_quickstart_learns_and_changes_the_trained_prompt(tmp_path):
+    """The README's main job (shortened): the loss falls and the adapter changes the trained prompt's output."""
+    out = tmp_path / "quick"
+    assert main(["--config_file", os.path.join(ROOT, "presets", "quickstart.toml"), "--output_dir", str(out)]) == 0
+    losses = [float(r["loss"]) for r in csv.DictReader(open(out / "quickstart_train_log.csv"))]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    print(f"quickstart loss: first 20 steps {first:.4f}, last 20 steps {last:.4f}")
+    assert last < 0.8 * first
+    assert len(os.listdir(out / "sample")) >= 3
+
+    pipe = tiny_models.build_tiny_pipeline("sd1")
+    prompt = "a photo of sks toy, on a blue background"
+    generator = torch.Generator().manual_seed(1)
+    before = pipe(prompt, num_inference_steps=4, height=64, width=64, generator=generator, output_type="np").images
+    network, _ = para.create_network_from_weights(1.0, str(out / "quickstart.safetensors"), None,
+                                                  pipe.text_encoder, pipe.unet)
+    network.apply_to(pipe.text_encoder, pipe.unet)
+    network.load_weights(str(out / "quickstart.safetensors"))
+    generator = torch.Generator().manual_seed(1)
+    after = pipe(prompt, num_inference_steps=4, height=64, width=64, generator=generator, output_type="np").images
+    assert abs(after - before).mean() > 0.01
+
+
+def test_resume_ends_with_the_same_adapter(tmp_path):
+    whole = tmp_path / "whole"
+    assert main(base_args(whole, "builtin:tiny-sd1", 6, "--train_batch_size", "2")) == 0
+    first = tmp_path / "first"
+    assert main(base_args(first, "builtin:tiny-sd1", 6, "--train_batch_size", "2", "--save_every_n_steps", "3",
+                          "--save_state")) == 0
+    state = first / "run-step00000003-state"
+    assert (state / "train_state.json").exists()
+    resumed = tmp_path / "resumed"
+    assert main(base_args(resumed, "builtin:tiny-sd1", 6, "--train_batch_size", "2", "--resume", str(state))) == 0
+    expected, _ = read_file(whole / "run.safetensors")
+    got, _ = read_file(resumed / "run.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_8bit_optimizer_step_on_cpu(tmp_path):
+    assert main(base_args(tmp_path, "builtin:tiny-sd1", 2, "--optimizer_type", "AdamW8bit")) == 0
+    _, metadata = read_file(tmp_path / "run.safetensors")
+    assert metadata["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
+
+
+def two_image_dataset(tmp_path):
+    folder = tmp_path / "data" / "1_sks toy"
+    folder.mkdir(parents=True)
+    source = os.path.join(DATA, "train", "5_sks toy")
+    for name in sorted(os.listdir(source))[:4]:  # two images and their captions
+        shutil.copy(os.path.join(source, name), folder / name)
+    assert len(list(folder.glob("*.png"))) == 2
+    return str(folder.parent)
+
+
+def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
+    """One step: two gloo processes with one image each, gradients averaged, against one process with both images.
+    Every sample draws its noise from its own generator, so both runs see the same noise. Plain SGD keeps the
+    update proportional to the gradient (Adam's first step is a sign and would hide a wrong average)."""
+    data = two_image_dataset(tmp_path)
+    common = ["--train_data_dir", data, "--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.5",
+              "--max_grad_norm", "0"]
+    one = tmp_path / "one"
+    assert main(base_args(one, "builtin:tiny-sd1", 1, "--train_batch_size", "2", *common)) == 0
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+               os.path.join(ROOT, "train_para.py"),
+               *base_args(two, "builtin:tiny-sd1", 1, "--train_batch_size", "1", *common)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, _ = read_file(one / "run.safetensors")
+    got, _ = read_file(two / "run.safetensors")
+    assert "x 2 processes" in result.stderr
+    untrained = tmp_path / "untrained"  # the same run with a vanishing step: where B started
+    assert main(base_args(untrained, "builtin:tiny-sd1", 1, "--train_batch_size", "2", *common[:4],
+                          "--learning_rate", "1e-12", "--max_grad_norm", "0")) == 0
+    start, _ = read_file(untrained / "run.safetensors")
+    difference = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    movement = max((expected[k] - start[k]).abs().max().item() for k in expected)
+    print(f"1-process vs 2-process adapters differ by {difference:.2e}; the step moved Q by {movement:.2e}")
+    assert movement > 1e-3 and difference < 1e-5
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # only the main process wrote files
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear error, a non-zero exit and no output files
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--train_data_dir", "/no/such/folder"], "/no/such/folder"),
+    (["--optimizer_type", "AdamQ"], "unknown --optimizer_type 'AdamQ'"),
+    (["--xformers"], "--sdpa"),
+    (["--pretrained_model_name_or_path", "/no/such/model.safetensors"], "model.safetensors"),
+    (["--network_args", "preset=exka"], "did you mean 'exca'"),
+])
+def test_bad_input_one_error_no_files(change, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = base_args(out, "builtin:tiny-sd1", 2)
+    for i in range(0, len(change), 2):
+        if change[i] in args:
+            args[args.index(change[i]) + 1:args.index(change[i]) + 2] = change[i + 1:i + 2]
+        else:
+            args += change[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_empty_dataset_and_non_image_file(tmp_path, capsys):
+    empty = tmp_path / "empty" / "3_sks toy"
+    empty.mkdir(parents=True)
+    assert main(base_args(tmp_path / "out1", "builtin:tiny-sd1", 2)[:2] + ["--train_data_dir", str(empty.parent)]
+                + base_args(tmp_path / "out1")[4:]) == 2
+    assert "no images" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "3_sks toy"
+    bad.mkdir(parents=True)
+    (bad / "a.png").write_bytes(b"this is not a png")
+    assert main(base_args(tmp_path / "out2")[:2] + ["--train_data_dir", str(bad.parent)]
+                + base_args(tmp_path / "out2")[4:]) == 2
+    assert "a.png" in capsys.readouterr().err
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+def test_bad_toml_key_is_named_with_a_suggestion(tmp_path, capsys):
+    config = tmp_path / "my.toml"
+    config.write_text('[training]\nlearning_rat = 1e-4\n')
+    assert main(base_args(tmp_path / "out") + ["--config_file", str(config)]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
