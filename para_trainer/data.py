@@ -318,6 +318,9 @@ def _check_dataset_spec(spec: DatasetSpec, name: str) -> None:
     steps = spec.bucket_reso_steps
     if steps < 1:
         raise DataError(f"{name}: bucket_reso_steps {steps} must be at least 1")
+    if spec.min_bucket_reso < steps:
+        raise DataError(f"{name}: min_bucket_reso {spec.min_bucket_reso} is below bucket_reso_steps {steps}, so no "
+                        f"bucket is possible; set min_bucket_reso to {steps} or more, or lower bucket_reso_steps")
     # sd-scripts rounds the limits to the step size, then requires the resolution to lie between them
     if spec.min_bucket_reso % steps:
         rounded = spec.min_bucket_reso - spec.min_bucket_reso % steps

@@ -43,11 +43,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the user's input is wrong: printed as one message, exit code 2."""
     from networks.adapter_base import AdapterFileError, NetworkArgsError
 
+    from networks.para import ParaRankLossError
+
     from .checkpoint import CheckpointError
     from .sampling import SamplingError
 
     return (ArgsError, DataError, ModelError, OptimizerError, TrainError, NetworkArgsError, AdapterFileError,
-            CheckpointError, SamplingError)
+            CheckpointError, SamplingError, ParaRankLossError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +143,9 @@ def item_generators(seed: int, epoch: int, batches: list) -> list[list[torch.Gen
 def train(args) -> None:
     check_settings(args)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a second run in one process (tests, notebooks) may change mixed precision
 
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on a CPU machine): gloo on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -188,8 +193,8 @@ def train(args) -> None:
     if not groups:
         raise TrainError("nothing to train: every learning rate is 0 or no layer was adapted")
     optimizer, optimizer_description = build_optimizer(args, groups, args.learning_rate)
-    if args.full_fp16:
-        network.to(weight_dtype)
+    # --full_fp16/--full_bf16 put the base model in half precision; the adapter's B stays float32: it is small, and
+    # Adam's second moments underflow in fp16 (B turned NaN after one step on CPU when it was cast).
     plan = Plan(dataset.num_batches_per_epoch, accelerator.num_processes, args.gradient_accumulation_steps, 0)
     plan.max_train_steps = args.max_train_epochs * plan.steps_per_epoch if args.max_train_epochs \
         else args.max_train_steps
@@ -423,7 +428,10 @@ def training_loss(args, models, scheduler, batch: dict, generators: list[torch.G
     if added is not None:
         height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
         added["time_ids"] = sdxl_time_ids(height, width, batch_size, device)
-    prediction = models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample.float()
+    dtype = models.unet.dtype  # fp16/bf16 with --full_fp16/--full_bf16, where autocast may not cover the CPU
+    if added is not None:
+        added = {key: value.to(dtype) for key, value in added.items()}
+    prediction = models.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample.float()
     target = scheduler.get_velocity(latents, noise, timesteps) if models.v_parameterization else noise
     loss = (F.l1_loss if args.loss_type == "l1" else F.mse_loss)(prediction, target, reduction="none")
     loss = loss.mean(dim=(1, 2, 3)) * batch["loss_weights"].to(device)

@@ -181,3 +181,102 @@ def test_bad_toml_key_is_named_with_a_suggestion(tmp_path, capsys):
     config.write_text('[training]\nlearning_rat = 1e-4\n')
     assert main(base_args(tmp_path / "out") + ["--config_file", str(config)]) == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model sources, data configs, precision
+
+
+def test_single_file_checkpoint_and_diffusers_folder_as_base(tmp_path):
+    import hashlib
+
+    from para_trainer.checkpoint import save_single_file
+
+    single = tmp_path / "tiny-sd1.safetensors"
+    save_single_file(tiny_models.build_tiny_pipeline("sd1"), single)  # the original SD key layout
+    assert main(base_args(tmp_path / "a", str(single), 2)) == 0
+    _, metadata = read_file(tmp_path / "a" / "run.safetensors")
+    assert metadata["ss_sd_model_name"] == "tiny-sd1.safetensors"
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(single.read_bytes()).hexdigest()
+    folder = tiny_models.save_tiny_pipeline("sd1", tmp_path / "tiny-sd1-folder")
+    assert main(base_args(tmp_path / "b", str(folder), 2)) == 0
+    _, metadata = read_file(tmp_path / "b" / "run.safetensors")
+    assert metadata["ss_sd_model_hash"] == "IsADirectory"  # as sd-scripts writes for folders
+    # the same weights in three forms train to the same adapter
+    assert main(base_args(tmp_path / "c", "builtin:tiny-sd1", 2)) == 0
+    adapters = [read_file(tmp_path / d / "run.safetensors")[0] for d in "abc"]
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]) and torch.equal(adapters[1][key], adapters[2][key])
+
+
+def test_dataset_config_with_buckets_and_reg_images(tmp_path):
+    from PIL import Image
+
+    wide, tall = tmp_path / "wide" , tmp_path / "tall"
+    for folder, size in ((wide, (96, 32)), (tall, (32, 96))):
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", size, (40 * i, 120, 200)).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text("a photo of sks toy")
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'''[general]
+caption_extension = ".txt"
+[[datasets]]
+resolution = 64
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+  [[datasets.subsets]]
+  image_dir = "{wide}"
+  num_repeats = 2
+  [[datasets.subsets]]
+  image_dir = "{tall}"
+  [[datasets.subsets]]
+  image_dir = "{DATA}/reg/1_toy"
+  class_tokens = "toy"
+  is_reg = true
+''')
+    args = base_args(tmp_path / "out", "builtin:tiny-sd1", 3)
+    args = args[:2] + args[4:] + ["--dataset_config", str(config)]  # no --train_data_dir
+    assert main(args) == 2  # bucket_reso_steps 32 is for SDXL: sd-scripts asks a multiple of 64 for SD1
+    assert main([a.replace("tiny-sd1", "tiny-sdxl") for a in args]) == 0
+    _, metadata = read_file(tmp_path / "out" / "run.safetensors")
+    import json
+
+    datasets = json.loads(metadata["ss_datasets"])
+    buckets = datasets[0]["bucket_info"]["buckets"]
+    resolutions = sorted(tuple(b["resolution"]) for b in buckets.values())
+    assert (96, 32) in resolutions and (32, 96) in resolutions  # wide and tall images keep their shape
+    assert (64, 64) in resolutions  # the square regularisation images
+    assert metadata["ss_num_reg_images"] == "5"
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    assert main(base_args(tmp_path / "plain", "builtin:tiny-sd1", 2, "--train_batch_size", "2")) == 0
+    assert main(base_args(tmp_path / "ckpt", "builtin:tiny-sd1", 2, "--train_batch_size", "2",
+                          "--gradient_checkpointing")) == 0
+    plain, _ = read_file(tmp_path / "plain" / "run.safetensors")
+    checkpointed, metadata = read_file(tmp_path / "ckpt" / "run.safetensors")
+    assert metadata["ss_gradient_checkpointing"] == "True"
+    for key in plain:
+        assert torch.allclose(plain[key], checkpointed[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("precision", [["bf16"], ["bf16", "--full_bf16"], ["fp16", "--full_fp16"]])
+def test_mixed_precision_runs_stay_finite(precision, tmp_path):
+    args = base_args(tmp_path, "builtin:tiny-sd1", 3, "--mixed_precision", *precision,
+                     "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"))
+    assert main(args) == 0
+    tensors, metadata = read_file(tmp_path / "run.safetensors")
+    assert metadata["ss_mixed_precision"] == precision[0]
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert any("tfevents" in name for _, _, files in os.walk(tmp_path / "logs") for name in files)
+
+
+def test_uncached_hub_model_offline_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(base_args(tmp_path / "out", "someone/not-a-cached-model", 2)) == 2
+    err = capsys.readouterr().err
+    assert "someone/not-a-cached-model" in err and "HF_HUB_OFFLINE" in err
