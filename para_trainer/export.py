@@ -1,0 +1,397 @@
+"""Exporting native PaRa files: an exact LoRA/LoCon file that every front end loads, or a merged checkpoint.
+
+A PaRa layer is W = W0 - m·Q Qᵀ W0. With lora_up = -Q and lora_down = Qᵀ W0 (computed from the exact base
+weight) and alpha = r, a kohya LoRA/LoCon loader computes W0 + m·up·down·(alpha/r), the same W
+(frontend-formats.md §6.1). The file is exact only on the base model it was computed against, so the native file's
+`para.base_fingerprint` (sha256 of the adapted layers' base weights) is checked against the base given here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from networks.adapter_base import (
+    AdapterFileError,
+    group_by_module,
+    layers_for_file,
+    read_adapter_file,
+    write_adapter_file,
+)
+from networks.para import Q_KEY, para_delta_weight
+
+from . import __version__
+from .metadata import ARCHITECTURES, file_sha256
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_KEY = "para.base_fingerprint"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+OTHER_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".json")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (no base, another base, not a PaRa file, bad output path)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The math (MOVE to networks/para.py's functional core as `para_lora_factors`)
+
+
+def _para_lora_factors(weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors with up @ down = -Q Qᵀ W (PaRa's ΔW at multiplier 1), in float32 or better.
+
+    Linear: up (out, r), down (r, in). Conv2d: up (out, r, 1, 1), down (r, in, kh, kw) — the LoCon layout.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().reshape(weight.shape[0], -1).to(dtype)
+    q = q.to(w.device, dtype)
+    up, down = -q, q.t() @ w
+    if weight.dim() == 4:
+        return up[:, :, None, None].contiguous(), down.reshape(q.shape[1], *weight.shape[1:]).contiguous()
+    return up.contiguous(), down.contiguous()
+
+
+def base_fingerprint(layers, dtype: torch.dtype | None = None) -> str:
+    """sha256 over the base weights of the adapted layers: names sorted, each weight as float32 bytes.
+
+    `layers`: objects with `.lora_name` and `.layer` (a network's adapter modules, or TargetLayers), or a dict
+    name -> layer or weight tensor. `dtype` rounds the weights to it first (what a model cast to fp16/bf16
+    for training holds), so a fingerprint taken on such a model can be checked against the float32 base.
+    """
+    items = layers.items() if isinstance(layers, dict) else ((t.lora_name, t.layer) for t in layers)
+    digest = hashlib.sha256()
+    for name, weight in sorted(items, key=lambda item: item[0]):
+        w = getattr(weight, "weight", weight).detach()
+        if dtype is not None:
+            w = w.to(dtype)
+        w = w.to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}{tuple(w.shape)}\n".encode())
+        digest.update(w.numpy())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_base_model(model: str, v2: bool = False, sdxl: bool = False, v_parameterization: bool = False):
+    """The base model (diffusers folder, single file, Hub id or builtin:tiny-*) in float32, as the trainer loads it."""
+    from .models import load_models
+
+    return load_models(SimpleNamespace(pretrained_model_name_or_path=model, v2=v2, sdxl=sdxl,
+                                       v_parameterization=v_parameterization, vae=None))
+
+
+def _precision(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in PRECISION_NAMES:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in PRECISIONS:
+        return PRECISIONS[dtype.lower()]
+    raise ExportError(f"unknown export precision {dtype!r}; use one of {', '.join(PRECISIONS)}")
+
+
+def _read_native(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    try:
+        tensors, metadata = read_adapter_file(str(path))
+    except AdapterFileError as error:
+        raise ExportError(str(error)) from None
+    groups = group_by_module(tensors)
+    if not groups or any(Q_KEY not in parts for parts in groups.values()):
+        from .inspect_file import module_kind_of_parts
+
+        name = next((n for n, parts in groups.items() if Q_KEY not in parts), None)
+        what = f"{module_kind_of_parts(groups[name])} module {name}" if name else "no module"
+        raise ExportError(f"{path} is not a native PaRa file (it has {what}); export takes the .safetensors that "
+                          "PaRa training wrote, with <module>.para_q tensors")
+    return groups, metadata
+
+
+def _base_layers(path, groups, metadata, models):
+    """The base layer of every module of the file; one clear error when the file does not fit the model."""
+    if models is None:
+        raise ExportError(f"exporting {path} needs the base model it was trained on (--model: a diffusers folder, "
+                          "a .safetensors/.ckpt checkpoint or builtin:tiny-*): PaRa's LoRA factors are computed "
+                          "from the base weights")
+    try:
+        layers = layers_for_file(models.text_encoder_for_network, models.unet, groups, metadata, str(path))
+    except AdapterFileError as error:
+        raise ExportError(str(error)) from None
+    for target in layers:
+        q = groups[target.lora_name][Q_KEY]
+        if q.dim() != 2 or q.shape[0] != target.layer.weight.shape[0]:
+            raise ExportError(
+                f"{path} does not fit this model: module {target.lora_name} has Q of shape {tuple(q.shape)} but the "
+                f"layer has {target.layer.weight.shape[0]} outputs. Use the base model the adapter was trained on.")
+    return layers
+
+
+def _base_matches(recorded: str, layers) -> bool:
+    # A model cast to fp16/bf16 for training fingerprints as the rounded float32 base does.
+    return any(base_fingerprint(layers, dtype) == recorded for dtype in (None, torch.float16, torch.bfloat16))
+
+
+def _check_base(path, metadata, layers, force: bool, warnings: list[str], matched_before: bool = False) -> str:
+    """Compare the file's base fingerprint with the given base: "match", "missing" or "mismatch (forced)"."""
+    recorded = metadata.get(FINGERPRINT_KEY)
+    if not recorded:
+        _warn(warnings, f"{path} does not record which base model it was trained on ({FINGERPRINT_KEY}); the "
+                        "export is exact only if the given model is that base")
+        return "missing"
+    if matched_before or _base_matches(recorded, layers):
+        return "match"
+    message = (f"{path}: the adapter was trained on another base model (fingerprint {recorded[:16]}…, the given "
+               f"model's is {base_fingerprint(layers)[:16]}…); the export is exact only for that base")
+    if not force:
+        raise ExportError(message + "; use --force to export anyway")
+    _warn(warnings, message + "; exporting anyway (--force)")
+    return "mismatch (forced)"
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    logger.warning("%s", message)
+    warnings.append(message)
+
+
+def _same_file(a, b) -> bool:
+    return os.path.abspath(str(a)) == os.path.abspath(str(b))
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA/LoCon export
+
+
+def _relative_error(up: torch.Tensor, down: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> float:
+    """‖up·down - (-Q Qᵀ W0)‖ / ‖Q Qᵀ W0‖ of the factors as stored, in float64."""
+    exact = para_delta_weight(weight.double(), q.double()).reshape(weight.shape[0], -1)
+    product = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
+    return ((product - exact).norm() / exact.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+def _rank_summary(ranks: dict[str, int], conv3x3: set[str]) -> tuple[int, int | None, bool]:
+    """(network_dim, conv_dim or None, whether ranks differ within a layer type)."""
+    linear = {r for name, r in ranks.items() if name not in conv3x3}
+    conv = {r for name, r in ranks.items() if name in conv3x3}
+    dim = max(linear) if linear else max(conv)
+    return dim, (max(conv) if conv else None), len(linear) > 1 or len(conv) > 1
+
+
+def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[str, int], conv3x3: set[str],
+                   native_sha256: str, precision: str, overrides: dict | None) -> dict[str, str]:
+    version = models.base_model_version
+    dim, conv_dim, uneven = _rank_summary(ranks, conv3x3)
+    metadata = {k: v for k, v in native.items() if not k.startswith("sshs_") and k != "para.format_version"}
+    if "ss_network_args" in native:
+        metadata["para.network_args"] = native["ss_network_args"]  # the PaRa training arguments
+    metadata.pop("ss_network_args", None)
+    if conv_dim is not None:  # sd-scripts' LoRA records the 3x3-conv rank so
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
+    if uneven:
+        histogram: dict[str, int] = {}
+        for r in ranks.values():
+            histogram[str(r)] = histogram.get(str(r), 0) + 1
+        metadata["para.export_ranks"] = json.dumps(histogram)  # rank -> modules; alpha = rank in each module
+    metadata.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(dim),
+        "ss_v2": str(models.kind == "sd2"),
+        "ss_base_model_version": version,  # A1111/Forge file the LoRA under SD1/SD2/SDXL by this
+        "ss_output_name": Path(out_path).stem,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{ARCHITECTURES[version]}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if models.is_sdxl
+        else "diffusers",
+        "modelspec.prediction_type": "v" if models.v_parameterization else "epsilon",
+        "para.exported_from": native_sha256,
+        "para.export_precision": precision,
+        "para_trainer.version": __version__,
+    })
+    metadata.setdefault("modelspec.title", metadata["ss_output_name"])
+    metadata.setdefault("modelspec.date", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    metadata.update({k: str(v) for k, v in (overrides or {}).items()})
+    return metadata
+
+
+def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool = False,
+                metadata_overrides: dict | None = None) -> dict:
+    """Write the native PaRa file `adapter_path` as an exact kohya LoRA/LoCon .safetensors for the base `models`.
+
+    Returns a report: modules, conv3x3 modules, ranks, the largest relative error of a module's ΔW as stored
+    (vs the exact float64 ΔW), the base check, warnings. Nothing is written when an error is raised.
+    """
+    adapter_path, out_path = str(adapter_path), str(out_path)
+    precision = _precision(dtype)
+    if not out_path.endswith(".safetensors"):
+        raise ExportError(f"output {out_path}: write the LoRA as .safetensors (its metadata and hashes need it)")
+    if _same_file(adapter_path, out_path):
+        raise ExportError(f"output {out_path} is the native file itself; choose another output path")
+    groups, native_metadata = _read_native(adapter_path)
+    layers = _base_layers(adapter_path, groups, native_metadata, models)
+    warnings: list[str] = []
+    base_check = _check_base(adapter_path, native_metadata, layers, force, warnings)
+
+    tensors, ranks, conv3x3 = {}, {}, set()
+    worst_error, worst_module = 0.0, None
+    for target in layers:
+        name, weight = target.lora_name, target.layer.weight.detach()
+        q = groups[name][Q_KEY].to(torch.float32)  # the Q PaRa uses, as stored (no re-orthonormalisation)
+        up, down = _para_lora_factors(weight, q)
+        up, down = up.to(precision), down.to(precision)
+        error = _relative_error(up, down, q, weight)
+        if error > worst_error:
+            worst_error, worst_module = error, name
+        rank = q.shape[1]
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))  # scale alpha/rank = 1 in every loader
+        ranks[name] = rank
+        if target.is_conv3x3:
+            conv3x3.add(name)
+
+    precision_name = PRECISION_NAMES[precision]
+    metadata = _lora_metadata(native_metadata, models, out_path, ranks, conv3x3, file_sha256(adapter_path),
+                              precision_name, metadata_overrides)
+    write_adapter_file(out_path, tensors, metadata)
+    if precision == torch.bfloat16:
+        _warn(warnings, f"bf16 export: largest relative error of a module's ΔW is {worst_error:.1e} "
+                        "(fp16 keeps about 8x less); use --precision fp16 or fp32 unless a loader needs bf16")
+    rank_counts: dict[int, int] = {}
+    for r in ranks.values():
+        rank_counts[r] = rank_counts.get(r, 0) + 1
+    return {
+        "out": out_path,
+        "kind": "LoCon" if conv3x3 else "LoRA",
+        "modules": len(layers),
+        "conv3x3_modules": len(conv3x3),
+        "ranks": dict(sorted(rank_counts.items())),
+        "precision": precision_name,
+        "max_relative_error": worst_error,
+        "worst_module": worst_module,
+        "base_model_version": models.base_model_version,
+        "base_check": base_check,
+        "warnings": warnings,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Merged checkpoint
+
+
+def _merged_output_format(out: str) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix in SINGLE_FILE_SUFFIXES:
+        return "single file"
+    if suffix in OTHER_FILE_SUFFIXES or (os.path.exists(out) and not os.path.isdir(out)):
+        raise ExportError(f"output {out}: a merged model is written as a single-file checkpoint (.safetensors or "
+                          ".ckpt) or as a diffusers folder (a path without a file suffix)")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "model_index.json")):
+        raise ExportError(f"output folder {out} exists and is not a diffusers model; choose a new or empty folder")
+    return "diffusers"
+
+
+def _save_diffusers_folder(pipe, out: str, dtype) -> None:
+    """save_pretrained into a temporary folder beside `out`, then swap it in: never a half-written model."""
+    out_path = Path(out).resolve()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    try:
+        if dtype is not None:
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                model = getattr(pipe, name, None)
+                if model is not None:
+                    torch.nn.Module.to(model, dtype=dtype)  # ModelMixin.to would warn about kept-fp32 modules
+        pipe.save_pretrained(temp, safe_serialization=True)
+        old = None
+        if out_path.exists():
+            old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
+            os.replace(out_path, old)
+        os.replace(temp, out_path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp)
+
+
+@torch.no_grad()
+def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dict:
+    """Bake native PaRa files into the base: W <- W - m·Q Qᵀ W per file, in float32, in the given order.
+
+    `adapters`: (path, multiplier) pairs. `out`: a .safetensors/.ckpt single-file checkpoint (what A1111 loads
+    as a model) or a path without suffix for a diffusers folder. `dtype` (None: as loaded, float32) casts what
+    is written. The weights of `models` are changed in place (also when a later file's base check fails);
+    nothing is written when an error is raised.
+    """
+    out = str(out)
+    save_dtype = _precision(dtype) if dtype is not None else None
+    if models is None:
+        raise ExportError("merging needs the base model (--model) to merge into")
+    output_format = _merged_output_format(out)
+    adapters = [(str(path), float(multiplier)) for path, multiplier in adapters]
+    if not adapters:
+        raise ExportError("give at least one native PaRa file to merge")
+    for path, _ in adapters:
+        if _same_file(path, out) or _same_file(models.source, out):
+            raise ExportError(f"output {out} is one of the inputs; choose another output path")
+
+    # Read every file and match it to the model before changing a weight.
+    warnings: list[str] = []
+    plans = []
+    for path, multiplier in adapters:
+        groups, metadata = _read_native(path)
+        layers = _base_layers(path, groups, metadata, models)
+        plans.append((path, multiplier, groups, metadata, layers))
+    # Each file must fit the untouched base or, trained with --base_weights, the base with the files before it.
+    fits_base = [bool(metadata.get(FINGERPRINT_KEY)) and _base_matches(metadata[FINGERPRINT_KEY], layers)
+                 for _, _, _, metadata, layers in plans]
+    report_adapters = []
+    for fits, (path, multiplier, groups, metadata, layers) in zip(fits_base, plans):
+        base_check = _check_base(path, metadata, layers, force, warnings, fits)
+        for target in layers:
+            weight = target.layer.weight
+            delta = para_delta_weight(weight, groups[target.lora_name][Q_KEY], multiplier)
+            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        report_adapters.append({"path": path, "multiplier": multiplier, "modules": len(layers),
+                                "base_check": base_check})
+
+    if output_format == "single file":
+        from .checkpoint import save_single_file
+
+        save_single_file(models.pipeline, out, dtype=save_dtype)
+    else:
+        _save_diffusers_folder(models.pipeline, out, save_dtype)
+    return {"out": out, "format": output_format, "adapters": report_adapters,
+            "precision": PRECISION_NAMES.get(save_dtype, "as loaded (fp32)") if save_dtype else "as loaded (fp32)",
+            "base_model_version": models.base_model_version, "warnings": warnings}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports for the command line
+
+
+def format_export_report(report: dict) -> str:
+    if "adapters" in report:
+        lines = [f"wrote the merged model to {report['out']} ({report['format']}, {report['precision']})"]
+        lines += [f"  merged {a['path']} x{a['multiplier']:g}: {a['modules']} layers, base {a['base_check']}"
+                  for a in report["adapters"]]
+        return "\n".join(lines)
+    ranks = ", ".join(f"rank {r}: {n}" for r, n in report["ranks"].items())
+    return "\n".join([
+        f"wrote {report['kind']} {report['out']} ({report['precision']}, {report['base_model_version']})",
+        f"  {report['modules']} modules ({report['conv3x3_modules']} 3x3 conv), {ranks}, alpha = rank",
+        f"  largest relative error of a module's ΔW as stored: {report['max_relative_error']:.1e} "
+        f"({report['worst_module']})",
+        f"  base model check: {report['base_check']}",
+    ])
