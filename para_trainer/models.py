@@ -188,9 +188,7 @@ def _token_chunks(tokenizer, captions: list[str], max_token_length: int | None) 
     for i in range(chunks):
         window = body[:, i * 75:(i + 1) * 75]
         end = last if i == chunks - 1 else torch.full_like(last, tokenizer.eos_token_id)
-        window = torch.cat([bos, window, end], dim=1)
-        # a window after the text's end starts with eos/pad: keep what sd-scripts keeps (eos then pad)
-        windows.append(window)
+        windows.append(torch.cat([bos, window, end], dim=1))
     return torch.stack(windows, dim=1)
 
 

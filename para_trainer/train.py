@@ -175,7 +175,7 @@ def train(args) -> None:
     scheduler = noise_scheduler(models.v_parameterization)
 
     # 4. network
-    network, net_kwargs, train_unet, train_text_encoder = build_network(args, models, weight_dtype, device)
+    network, net_kwargs, train_text_encoder = build_network(args, models, weight_dtype, device)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         for te in models.text_encoders:
@@ -369,7 +369,7 @@ def build_network(args, models, weight_dtype, device):
         logger.info("loaded --network_weights %s: %s", args.network_weights, info)
     network.to(device)
     train_text_encoder = train_text_encoder and bool(getattr(network, "text_encoder_modules", True))
-    return network, net_kwargs, train_unet, train_text_encoder
+    return network, net_kwargs, train_text_encoder
 
 
 def build_lr_scheduler(args, optimizer, total_steps: int):
