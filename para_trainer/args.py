@@ -471,8 +471,12 @@ def _write_output_config(args: argparse.Namespace) -> None:
         value = getattr(args, spec.name)
         if spec.name not in excluded and value != spec.default:
             values[spec.name] = str(value) if isinstance(value, Path) else value  # toml cannot write a Path
-    with open(path, "w", encoding="utf-8") as f:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(temp, "w", encoding="utf-8") as f:
         toml.dump(values, f)
+    os.replace(temp, path)  # never a half-written config under its final name
     print(f"wrote the settings to {path}")
 
 
