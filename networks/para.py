@@ -4,7 +4,8 @@ Per adapted layer PaRa learns B (d_out x r), takes Q from QR(B) and uses W = W0 
 directions from the layer's output space. Use it as `--network_module=networks.para` here or in sd-scripts.
 
 The math lives in the functional core below (`orthonormal_basis`, `para_coefficients`, `para_expand`,
-`para_delta_weight`); the training forward, merging, export, the WebUI extension and the benchmark call it.
+`para_delta_weight`, `para_lora_factors`); the training forward, merging, export, the WebUI extension and the
+benchmark call it.
 
 Native file format (one entry per adapted layer, sd-scripts key names):
     <lora_name>.para_q   float (d_out, r)   Q, the orthonormal basis of the removed directions
@@ -94,6 +95,20 @@ def para_delta_weight(weight: torch.Tensor, q: torch.Tensor, multiplier: float =
     w = weight.reshape(weight.shape[0], -1).to(dtype)
     q = q.to(w.device, dtype)
     return (-multiplier * (q @ (q.t() @ w))).reshape(weight.shape)
+
+
+def para_lora_factors(weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact LoRA form of PaRa: up @ down = -Q Qᵀ W (ΔW at multiplier 1), float32 or better.
+
+    Linear: up (out, r), down (r, in). Conv2d: up (out, r, 1, 1), down (r, in, kh, kw) — the LoCon layout.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().reshape(weight.shape[0], -1).to(dtype)
+    q = q.to(w.device, dtype)
+    up, down = -q, q.t() @ w
+    if weight.dim() == 4:
+        return up[:, :, None, None].contiguous(), down.reshape(q.shape[1], *weight.shape[1:]).contiguous()
+    return up.contiguous(), down.contiguous()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
     para-trainer tiny-model KIND OUT    write an embedded tiny model (sd1, sd2, sdxl) as a diffusers folder,
                                         or as a single-file checkpoint when OUT ends in .safetensors/.ckpt
     para-trainer example-data OUT       write the bundled example images in sd-scripts' DreamBooth layout
+    para-trainer export NATIVE --model BASE -o OUT [--to lora|merged]
+                                        an exact LoRA/LoCon file, or the adapter baked into the base model
+    para-trainer inspect FILE [--json]  what an adapter or model file is: kind, base, ranks, metadata, hashes
+    para-trainer webui install PATH     install the AUTOMATIC1111 extension for native PaRa files
 """
 
 from __future__ import annotations
@@ -33,6 +37,18 @@ def _example_data(options) -> int:
     return 0
 
 
+def _export(options) -> int:
+    from .export import run_export
+
+    return run_export(options)
+
+
+def _inspect(options) -> int:
+    from .inspect_file import run_inspect
+
+    return run_inspect(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="para-trainer", description="PaRa adapters for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     example = commands.add_parser("example-data", help="write the bundled example images and captions")
     example.add_argument("out")
     example.set_defaults(run=_example_data)
+
+    export = commands.add_parser("export", help="a native PaRa file as an exact LoRA/LoCon, or merged into the base")
+    export.add_argument("adapters", nargs="+", metavar="NATIVE",
+                        help="native PaRa .safetensors; several only with --to merged (merged in this order)")
+    export.add_argument("--model", help="the base model it was trained on: diffusers folder, .safetensors/.ckpt, "
+                                        "Hub id or builtin:tiny-sd1|tiny-sd2|tiny-sdxl")
+    export.add_argument("-o", "--out", required=True,
+                        help="lora: a .safetensors file; merged: a .safetensors/.ckpt single file, or a folder (diffusers)")
+    export.add_argument("--to", choices=["lora", "merged"], default="lora")
+    export.add_argument("--precision", choices=["fp16", "fp32", "bf16"], default=None,
+                        help="default: fp16 for lora, fp32 for merged; bf16 costs about 2e-3 relative error")
+    export.add_argument("--multiplier", type=float, nargs="+", help="--to merged: strength per file (default 1)")
+    export.add_argument("--force", action="store_true", help="export although the file records another base model")
+    export.add_argument("--v2", action="store_true", help="the base is an SD2 single-file checkpoint")
+    export.add_argument("--v_parameterization", action="store_true")
+    export.set_defaults(run=_export)
+
+    inspect = commands.add_parser("inspect", help="what an adapter or model file is: kind, base, ranks, metadata")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="the whole report as JSON")
+    inspect.add_argument("--no-hash", dest="no_hash", action="store_true", help="skip hashing (big checkpoints)")
+    inspect.set_defaults(run=_inspect)
+
+    from .webui import add_subcommand as add_webui_subcommand
+
+    add_webui_subcommand(commands)
     return parser
 
 

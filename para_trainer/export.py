@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from networks.adapter_base import (
     read_adapter_file,
     write_adapter_file,
 )
-from networks.para import Q_KEY, para_delta_weight
+from networks.para import Q_KEY, para_delta_weight, para_lora_factors
 
 from . import __version__
 from .metadata import ARCHITECTURES, file_sha256
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 FINGERPRINT_KEY = "para.base_fingerprint"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
+# The dtypes a trainer may have cast the base to before fingerprinting it (--full_fp16/bf16, --fp8_base).
+FINGERPRINT_ROUNDINGS = (None, torch.float16, torch.bfloat16) + (
+    (torch.float8_e4m3fn,) if hasattr(torch, "float8_e4m3fn") else ())
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 OTHER_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".json")
 
@@ -46,21 +50,7 @@ class ExportError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# The math (MOVE to networks/para.py's functional core as `para_lora_factors`)
-
-
-def _para_lora_factors(weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors with up @ down = -Q Qᵀ W (PaRa's ΔW at multiplier 1), in float32 or better.
-
-    Linear: up (out, r), down (r, in). Conv2d: up (out, r, 1, 1), down (r, in, kh, kw) — the LoCon layout.
-    """
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.detach().reshape(weight.shape[0], -1).to(dtype)
-    q = q.to(w.device, dtype)
-    up, down = -q, q.t() @ w
-    if weight.dim() == 4:
-        return up[:, :, None, None].contiguous(), down.reshape(q.shape[1], *weight.shape[1:]).contiguous()
-    return up.contiguous(), down.contiguous()
+# Which base an adapter was trained on
 
 
 def base_fingerprint(layers, dtype: torch.dtype | None = None) -> str:
@@ -138,8 +128,8 @@ def _base_layers(path, groups, metadata, models):
 
 
 def _base_matches(recorded: str, layers) -> bool:
-    # A model cast to fp16/bf16 for training fingerprints as the rounded float32 base does.
-    return any(base_fingerprint(layers, dtype) == recorded for dtype in (None, torch.float16, torch.bfloat16))
+    # A model cast to fp16/bf16/fp8 for training fingerprints as the rounded float32 base does.
+    return any(base_fingerprint(layers, dtype) == recorded for dtype in FINGERPRINT_ROUNDINGS)
 
 
 def _check_base(path, metadata, layers, force: bool, warnings: list[str], matched_before: bool = False) -> str:
@@ -151,8 +141,8 @@ def _check_base(path, metadata, layers, force: bool, warnings: list[str], matche
         return "missing"
     if matched_before or _base_matches(recorded, layers):
         return "match"
-    message = (f"{path}: the adapter was trained on another base model (fingerprint {recorded[:16]}…, the given "
-               f"model's is {base_fingerprint(layers)[:16]}…); the export is exact only for that base")
+    message = (f"{path}: the adapter was trained on another base model (fingerprint {recorded[:16]}…); the "
+               "export is exact only for that base")
     if not force:
         raise ExportError(message + "; use --force to export anyway")
     _warn(warnings, message + "; exporting anyway (--force)")
@@ -195,7 +185,7 @@ def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[st
     if "ss_network_args" in native:
         metadata["para.network_args"] = native["ss_network_args"]  # the PaRa training arguments
     metadata.pop("ss_network_args", None)
-    if conv_dim is not None:  # sd-scripts' LoRA records the 3x3-conv rank so
+    if conv_dim is not None:  # where sd-scripts' LoRA records the 3x3-conv rank
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
     if uneven:
         histogram: dict[str, int] = {}
@@ -247,7 +237,7 @@ def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool
     for target in layers:
         name, weight = target.lora_name, target.layer.weight.detach()
         q = groups[name][Q_KEY].to(torch.float32)  # the Q PaRa uses, as stored (no re-orthonormalisation)
-        up, down = _para_lora_factors(weight, q)
+        up, down = para_lora_factors(weight, q)
         up, down = up.to(precision), down.to(precision)
         error = _relative_error(up, down, q, weight)
         if error > worst_error:
@@ -263,6 +253,10 @@ def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool
     precision_name = PRECISION_NAMES[precision]
     metadata = _lora_metadata(native_metadata, models, out_path, ranks, conv3x3, file_sha256(adapter_path),
                               precision_name, metadata_overrides)
+    if base_check != "match":  # the factors are exact PaRa of the base they were computed from: record that one
+        if native_metadata.get(FINGERPRINT_KEY):
+            metadata["para.trained_base_fingerprint"] = native_metadata[FINGERPRINT_KEY]
+        metadata[FINGERPRINT_KEY] = base_fingerprint(layers)
     write_adapter_file(out_path, tensors, metadata)
     if precision == torch.bfloat16:
         _warn(warnings, f"bf16 export: largest relative error of a module's ΔW is {worst_error:.1e} "
@@ -312,7 +306,15 @@ def _save_diffusers_folder(pipe, out: str, dtype) -> None:
                 model = getattr(pipe, name, None)
                 if model is not None:
                     torch.nn.Module.to(model, dtype=dtype)  # ModelMixin.to would warn about kept-fp32 modules
-        pipe.save_pretrained(temp, safe_serialization=True)
+        from transformers.utils import logging as transformers_logging
+
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # one "Writing model shards" bar per text encoder otherwise
+        try:
+            pipe.save_pretrained(temp, safe_serialization=True)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
         old = None
         if out_path.exists():
             old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
@@ -372,8 +374,9 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
         save_single_file(models.pipeline, out, dtype=save_dtype)
     else:
         _save_diffusers_folder(models.pipeline, out, save_dtype)
+    written_dtype = save_dtype or models.unet.dtype
     return {"out": out, "format": output_format, "adapters": report_adapters,
-            "precision": PRECISION_NAMES.get(save_dtype, "as loaded (fp32)") if save_dtype else "as loaded (fp32)",
+            "precision": PRECISION_NAMES.get(written_dtype, str(written_dtype)),
             "base_model_version": models.base_model_version, "warnings": warnings}
 
 
@@ -395,3 +398,33 @@ def format_export_report(report: dict) -> str:
         f"({report['worst_module']})",
         f"  base model check: {report['base_check']}",
     ])
+
+
+def run_export(options) -> int:
+    """`para-trainer export` (options from cli.py's parser); errors are printed as one line, exit status 2."""
+    from .checkpoint import CheckpointError
+    from .models import ModelError
+
+    try:
+        adapters = [str(a) for a in options.adapters]
+        multipliers = options.multiplier or [1.0] * len(adapters)
+        if options.to == "lora" and (len(adapters) != 1 or options.multiplier):
+            raise ExportError("--to lora exports one native file, at strength 1 (set the strength in the front end, "
+                              "e.g. <lora:name:0.8>); --multiplier and several files are for --to merged")
+        if len(multipliers) != len(adapters):
+            raise ExportError(f"{len(multipliers)} --multiplier values for {len(adapters)} files: give one per file")
+        for path in adapters:
+            _read_native(path)  # a wrong file fails before the (slow) base model is loaded
+        models = load_base_model(options.model, v2=options.v2, v_parameterization=options.v_parameterization) \
+            if options.model else None
+        if options.to == "lora":
+            report = export_lora(adapters[0], models, options.out, dtype=options.precision or "fp16",
+                                 force=options.force)
+        else:
+            report = export_merged(list(zip(adapters, multipliers)), models, options.out, dtype=options.precision,
+                                   force=options.force)
+    except (ExportError, ModelError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_export_report(report))
+    return 0

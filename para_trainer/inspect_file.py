@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import Counter
 
 from .metadata import legacy_model_hash
@@ -397,8 +398,8 @@ def format_report(report: dict) -> str:
                 lines.append(f"    scheme: {hashes['sshs_model_hash_scheme']}")
             if "addnet_legacy_hash" in hashes:
                 stored, matches = hashes["sshs_legacy_hash"], hashes.get("sshs_legacy_hash_matches")
-                lines.append(f"  sshs_legacy_hash: " + ("not in the file" if stored is None else
-                                                        f"{stored} ({'matches' if matches else 'does not match'})"))
+                lines.append("  sshs_legacy_hash: " + ("not in the file" if stored is None else
+                                                       f"{stored} ({'matches' if matches else 'does not match'})"))
     metadata = report.get("metadata") or {}
     lines.append(f"metadata: {len(metadata)} keys" + (":" if metadata else ""))
     for key, value in metadata.items():
@@ -406,3 +407,14 @@ def format_report(report: dict) -> str:
         lines.append(f"  {key}: {text if len(text) <= 120 else text[:117] + '...'}")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
+
+
+def run_inspect(options) -> int:
+    """`para-trainer inspect` (options from cli.py's parser): text, or the whole report as JSON with --json."""
+    try:
+        report = inspect(options.file, hashes=not options.no_hash)
+    except InspectError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, ensure_ascii=False) if options.json else format_report(report))
+    return 0

@@ -176,6 +176,10 @@ def train(args) -> None:
 
     # 4. network
     network, net_kwargs, train_text_encoder = build_network(args, models, weight_dtype, device)
+    if hasattr(network, "file_metadata"):  # which base the adapter belongs to: its LoRA export is exact only there
+        from .export import FINGERPRINT_KEY, base_fingerprint
+
+        network.file_metadata[FINGERPRINT_KEY] = base_fingerprint(network.adapter_modules)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         for te in models.text_encoders:
@@ -232,7 +236,7 @@ def train(args) -> None:
 
     def save(step: int, epoch: int, final: bool) -> None:
         file_meta = dict(file_metadata.at_save(training_metadata, step, epoch), **spec)
-        output.save_adapter(network, file_meta, step, epoch, final)
+        output.save_adapter(network, file_meta, step, epoch, final, models)
         if args.save_state or (final and args.save_state_on_train_end):
             output.save_state(network, optimizer, lr_scheduler, step, epoch, seed, final)
 
@@ -499,13 +503,21 @@ class OutputFiles:
             stem = f"{self.args.output_name or 'epoch'}-{epoch:06d}"
         return os.path.join(self.args.output_dir, stem + self.ext)
 
-    def save_adapter(self, network, metadata: dict, step: int, epoch: int, final: bool) -> None:
+    def save_adapter(self, network, metadata: dict, step: int, epoch: int, final: bool, models) -> None:
         if not self.main:
             return
         path = self.adapter_path(step, epoch, final)
         network.save_weights(path, SAVE_DTYPES.get(self.args.save_precision), metadata)
         self.written.append(path)
         logger.info("saved %s", path)
+        if path.endswith(".safetensors") and not self.args.no_export_lora and self.args.network_module == "networks.para":
+            from .export import export_lora
+
+            lora_path = lora_export_path(path)
+            report = export_lora(path, models, lora_path, SAVE_DTYPES.get(self.args.save_precision, torch.float16))
+            self.written.append(lora_path)
+            logger.info("saved %s (exact LoRA/LoCon export, relative error %.1e)", lora_path,
+                        report["max_relative_error"])
         if not final:
             self._remove_old(step, epoch)
 
@@ -521,7 +533,7 @@ class OutputFiles:
             stale_epoch = epoch - args.save_every_n_epochs * args.save_last_n_epochs
             if stale_epoch > 0:
                 old.append(os.path.join(args.output_dir, f"{args.output_name or 'epoch'}-{stale_epoch:06d}{self.ext}"))
-        for path in old:
+        for path in old + [lora_export_path(p) for p in old]:
             if os.path.exists(path):
                 os.remove(path)
                 logger.info("removed %s (--save_last_n_*)", path)
@@ -548,6 +560,12 @@ class OutputFiles:
         if os.path.isdir(samples):
             print(f"  samples  {samples}")
         print(f"  log      {self.log_path}")
+
+
+def lora_export_path(native_path: str) -> str:
+    """Where the LoRA export of a native file goes: NAME.safetensors -> NAME_lora.safetensors."""
+    stem, extension = os.path.splitext(native_path)
+    return f"{stem}_lora{extension}"
 
 
 def save_train_state(path: str, network, optimizer, lr_scheduler, step: int, epoch: int, seed: int) -> None:

@@ -1,6 +1,7 @@
 """para_trainer.export: the exact LoRA/LoCon export (checked through diffusers' own loader and A1111's formula),
 merged checkpoints, the base-model check and bad input."""
 
+import argparse
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from para_trainer.export import (
     export_lora,
     export_merged,
     load_base_model,
+    run_export,
 )
 from para_trainer.models import StableDiffusionModels
 
@@ -262,6 +264,12 @@ def test_another_base_is_refused_unless_forced(kind, adapters, tmp_path):
     assert list(tmp_path.iterdir()) == []
     report = export_lora(adapter["native"], other, out, force=True)
     assert report["base_check"] == "mismatch (forced)" and report["warnings"] and out.exists()
+    _, native_metadata = read(adapter["native"])
+    tensors, metadata = read(out)  # the export is PaRa of the base it was computed from, and says which one
+    assert metadata["para.trained_base_fingerprint"] == native_metadata[FINGERPRINT_KEY]
+    other_layers = [t for t in named_layers(other.text_encoder_for_network, other.unet)
+                    if t.lora_name + ".lora_up.weight" in tensors]
+    assert metadata[FINGERPRINT_KEY] == base_fingerprint(other_layers) != native_metadata[FINGERPRINT_KEY]
 
 
 def test_adapter_of_another_architecture_is_refused(adapters, tmp_path):
@@ -310,3 +318,33 @@ def test_bad_files_and_paths(adapters, tmp_path):
     with pytest.raises(ExportError, match="unknown export precision"):
         export_lora(adapter["native"], models, tmp_path / "x.safetensors", dtype="fp8")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# `para-trainer export` (run_export, given the options cli.py parses)
+
+
+def export_options(adapters, out, **overrides):
+    options = {"adapters": [str(a) for a in adapters], "model": "builtin:tiny-sd1", "out": str(out), "to": "lora",
+               "precision": None, "multiplier": None, "force": False, "v2": False, "v_parameterization": False}
+    return argparse.Namespace(**{**options, **overrides})
+
+
+def test_export_command(adapters, tmp_path, capsys):
+    native = adapters("sd1")["native"]
+    assert run_export(export_options([native], tmp_path / "a.safetensors")) == 0
+    printed = capsys.readouterr().out
+    assert "wrote LoCon" in printed and "(fp16, sd_v1)" in printed and "base model check: match" in printed
+    assert run_export(export_options([native, native], tmp_path / "m.safetensors", to="merged",
+                                     multiplier=[1.0, 0.5], precision="fp16")) == 0
+    assert "x0.5" in capsys.readouterr().out and (tmp_path / "m.safetensors").exists()
+    for options, message in [
+        (export_options([native], tmp_path / "b.safetensors", model=None), "needs the base model"),
+        (export_options([native, native], tmp_path / "b.safetensors"), "--to lora exports one native file"),
+        (export_options([native], tmp_path / "b", to="merged", multiplier=[1, 2]), "2 --multiplier values for 1"),
+        (export_options([native], tmp_path / "b.safetensors", model=str(tmp_path / "nothing")), "model not found"),
+    ]:
+        assert run_export(options) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "m.safetensors"]

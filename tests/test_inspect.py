@@ -1,5 +1,6 @@
 """para_trainer.inspect_file on files made by this project and by others (peft/diffusers, LyCORIS, checkpoints)."""
 
+import argparse
 import hashlib
 import json
 
@@ -12,14 +13,13 @@ from networks import para
 from para_trainer import tiny_models
 from para_trainer.checkpoint import save_single_file
 from para_trainer.export import export_lora, load_base_model
-from para_trainer.inspect_file import InspectError, format_report, inspect
+from para_trainer.inspect_file import InspectError, format_report, inspect, run_inspect
 
-# The tiny SD1 model's layers (tiny_configs/sd1): 2 text-encoder layers x 6 Linear; 16 transformer blocks with
-# 10 Linear layers + proj_in/proj_out each; 3x3 convs: 22 resnets x 2 + 3 downsamplers + 3 upsamplers.
-SD1_TEXT_ENCODER_LAYERS = 2 * 6
-SD1_TRANSFORMER_LAYERS = 16 * 12
-SD1_RESNET_CONV3X3 = 22 * 2 + 3 + 3
-SD1_CONV_SHORTCUTS = 5
+
+def conv3x3_layers(unet):
+    """The 3x3 convolutions of the UNet's resnets and samplers: the layers conv_dim adapts with LoCon."""
+    return [layer for block in unet.modules() if type(block).__name__ in ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+            for layer in block.modules() if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (3, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -29,49 +29,54 @@ def sd1():
 
 @pytest.fixture(scope="module")
 def files(sd1, tmp_path_factory):
-    """A native PaRa file with 3x3 convs (rank 4, conv rank 2) and its LoCon export."""
+    """A native PaRa file with 3x3 convs (rank 4, conv rank 2) and its LoCon export; and its counts."""
     folder = tmp_path_factory.mktemp("inspect")
     network = para.create_network(1.0, 4, 1, None, sd1.text_encoder_for_network, sd1.unet, conv_dim="2")
     network.save_weights(str(folder / "native.safetensors"), None,
                          {"ss_base_model_version": "sd_v1", "ss_tag_frequency": json.dumps({"img": {"cat": 3}})})
     export_lora(folder / "native.safetensors", sd1, folder / "lora.safetensors")
-    return folder
+    counts = {"modules": len(network.adapter_modules), "text_encoder": len(network.text_encoder_modules),
+              "conv3x3": len(conv3x3_layers(sd1.unet))}
+    return folder, counts
 
 
 def test_native_para(files):
-    report = inspect(files / "native.safetensors")
-    conv_modules = SD1_RESNET_CONV3X3 + SD1_CONV_SHORTCUTS
+    folder, counts = files
+    report = inspect(folder / "native.safetensors")
+    assert counts["conv3x3"] == 50 and counts["text_encoder"] == 12  # tiny SD1: 22 resnets, 3 + 3 samplers
     assert report["kind"] == "native PaRa"
-    assert report["modules"] == SD1_TEXT_ENCODER_LAYERS + SD1_TRANSFORMER_LAYERS + conv_modules
-    assert report["text_encoder_modules"] == SD1_TEXT_ENCODER_LAYERS
+    assert report["modules"] == counts["modules"]
+    assert report["text_encoder_modules"] == counts["text_encoder"]
     # PaRa's Q has no kernel: the 3x3 convs are found by their layer names (conv1/conv2/conv, not conv_shortcut)
-    assert report["conv_modules"] == SD1_RESNET_CONV3X3
-    assert report["ranks"] == {"histogram": {2: SD1_RESNET_CONV3X3,
-                                             4: report["modules"] - SD1_RESNET_CONV3X3}, "min": 2, "max": 4}
+    assert report["conv_modules"] == counts["conv3x3"]
+    other = counts["modules"] - counts["conv3x3"]
+    assert report["ranks"] == {"histogram": {2: counts["conv3x3"], 4: other}, "min": 2, "max": 4}
     assert (report["base_model_version"], report["base_model_source"]) == ("sd_v1", "metadata ss_base_model_version")
     assert report["metadata"]["ss_tag_frequency"] == {"img": {"cat": 3}}  # JSON values parsed
     assert report["dtypes"] == {"float32": report["modules"]}
     hashes = report["hashes"]
     assert hashes["sshs_model_hash_matches"] is True and hashes["sshs_legacy_hash_matches"] is True
-    assert hashes["sha256"] == hashlib.sha256((files / "native.safetensors").read_bytes()).hexdigest()
+    assert hashes["sha256"] == hashlib.sha256((folder / "native.safetensors").read_bytes()).hexdigest()
     text = format_report(report)
-    assert "kind: native PaRa" in text and "ranks: 2 (50), 4 (249); min 2, max 4" in text
+    assert "kind: native PaRa" in text and f"ranks: 2 ({counts['conv3x3']}), 4 ({other}); min 2, max 4" in text
 
 
 def test_exported_locon(files):
-    report = inspect(files / "lora.safetensors")
-    native = inspect(files / "native.safetensors", hashes=False)
+    folder, counts = files
+    report = inspect(folder / "lora.safetensors")
+    native = inspect(folder / "native.safetensors", hashes=False)
     assert report["kind"] == "LoCon"
     assert report["modules"] == native["modules"] and report["ranks"] == native["ranks"]
-    assert report["conv_modules"] == SD1_RESNET_CONV3X3  # from the 3x3 kernels of lora_down
-    assert report["alphas"] == {2.0: SD1_RESNET_CONV3X3, 4.0: native["modules"] - SD1_RESNET_CONV3X3}
+    assert report["conv_modules"] == counts["conv3x3"]  # from the 3x3 kernels of lora_down
+    assert report["alphas"] == {2.0: counts["conv3x3"], 4.0: counts["modules"] - counts["conv3x3"]}
     assert report["dtypes"] == {"float16": 2 * report["modules"], "float32": report["modules"]}
     assert report["hashes"]["sshs_model_hash_matches"] is True
     assert any("exported from a native PaRa file" in note for note in report["notes"])
 
 
 def test_lora_without_conv_and_a_wrong_hash(files, tmp_path):
-    with safe_open(str(files / "lora.safetensors"), framework="pt") as f:
+    folder, _ = files
+    with safe_open(str(folder / "lora.safetensors"), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.split(".")[0].endswith(("conv1", "conv2", "conv"))}
     metadata["sshs_model_hash"] = "0" * 64
@@ -100,19 +105,20 @@ def test_peft_lora_saved_by_diffusers(tmp_path):
     assert report["hashes"]["sshs_model_hash"] is None
 
 
-def test_lokr_written_by_lycoris(sd1, tmp_path):
+def test_lokr_written_by_lycoris(tmp_path):
     from lycoris import kohya
 
-    network = kohya.create_network(1.0, 2, 2, sd1.vae, sd1.text_encoder_for_network, sd1.unet, algo="lokr",
-                                   factor="4", preset="attn-only")
-    network.apply_to(sd1.text_encoder_for_network, sd1.unet, True, True)
+    pipe = tiny_models.build_tiny_pipeline("sd1")
+    network = kohya.create_network(1.0, 2, 2, pipe.vae, pipe.text_encoder, pipe.unet, algo="lokr", factor="4",
+                                   preset="attn-only")
+    network.apply_to(pipe.text_encoder, pipe.unet, True, True)
     network.save_weights(str(tmp_path / "lokr.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
-    network.restore() if hasattr(network, "restore") else None
     report = inspect(tmp_path / "lokr.safetensors")
     with safe_open(str(tmp_path / "lokr.safetensors"), framework="pt") as f:
         w2_b = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith(".lokr_w2_b")]
     assert report["kind"] == "LoKr"
-    assert report["modules"] == len(w2_b) > 0
+    # LyCORIS's attn-only preset finds the tiny text encoder's 2 layers x 4 attention projections here
+    assert report["modules"] == report["text_encoder_modules"] == len(w2_b) == 8
     assert report["ranks"]["min"] == report["ranks"]["max"] == 2 == w2_b[0][0]
     assert report["base_model_version"] == "sd_v1/sd_v2"
     assert report["hashes"]["sshs_model_hash_scheme"].startswith("LyCORIS")
@@ -153,3 +159,18 @@ def test_unreadable_and_unknown_files(tmp_path):
     save_file({"something.else": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     report = inspect(tmp_path / "other.safetensors")
     assert report["kind"] == "unknown" and report["notes"]
+
+
+def test_inspect_command(files, capsys):
+    folder, counts = files
+    path = str(folder / "lora.safetensors")
+    assert run_inspect(argparse.Namespace(file=path, json=True, no_hash=False)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "LoCon" and report["modules"] == counts["modules"]
+    assert report["ranks"]["histogram"] == {"2": counts["conv3x3"], "4": counts["modules"] - counts["conv3x3"]}
+    assert report["hashes"]["sshs_model_hash_matches"] is True
+    assert run_inspect(argparse.Namespace(file=path, json=False, no_hash=True)) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"file: {path}") and "kind: LoCon" in text and "hashes:" not in text
+    assert run_inspect(argparse.Namespace(file=path + ".missing", json=False, no_hash=False)) == 2
+    assert capsys.readouterr().err.startswith("error: file not found")

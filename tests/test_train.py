@@ -49,6 +49,17 @@ def test_end_to_end_on_each_tiny_model(model, version, architecture, tmp_path):
         assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in tensors)
     rows = list(csv.DictReader(open(tmp_path / "run_train_log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    # the exact LoRA/LoCon export is written beside the native file, for the same base
+    lora, lora_metadata = read_file(tmp_path / "run_lora.safetensors")
+    assert lora_metadata["para.base_fingerprint"] == metadata["para.base_fingerprint"]
+    assert lora_metadata["ss_network_module"] == "networks.lora"
+    assert {k.split(".")[0] for k in lora} == {k.split(".")[0] for k in tensors}
+    assert any(t.dim() == 4 and t.shape[-1] == 3 for k, t in lora.items() if k.endswith("lora_down.weight"))
+
+
+def test_no_export_lora_writes_only_the_native_file(tmp_path):
+    assert main(base_args(tmp_path, "builtin:tiny-sd1", 1, "--no_export_lora")) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["run.safetensors"]
 
 
 def test_quickstart_learns_and_changes_the_trained_prompt(tmp_path):

@@ -1,0 +1,114 @@
+"""`para-trainer webui install PATH`: put the sd-webui-para extension into an AUTOMATIC1111 WebUI.
+
+The extension (webui_extension/sd-webui-para) adds a native `para` module type to the WebUI's built-in Lora
+extension. Its PaRa math is not a copy kept in this package: installing copies networks/para.py and
+networks/adapter_base.py into the extension's lib/sd_webui_para_core/, so the WebUI needs no para-trainer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+
+EXTENSION_NAME = "sd-webui-para"
+CORE_PACKAGE = "sd_webui_para_core"  # must match scripts/para_network.py
+CORE_FILES = ("para.py", "adapter_base.py")
+LORA_MARKER = Path("extensions-builtin") / "Lora" / "networks.py"
+
+
+class WebUIError(ValueError):
+    """The folder is not a WebUI this extension fits, or an install would overwrite something."""
+
+
+def extension_source() -> Path:
+    return Path(__file__).resolve().parent / "webui_extension" / EXTENSION_NAME
+
+
+def core_source() -> Path:
+    """The networks/ folder para.py is imported from (this checkout or the installed package)."""
+    from networks import para
+
+    return Path(para.__file__).resolve().parent
+
+
+def _stage(directory: Path) -> None:
+    """Write the complete extension into `directory` (which must not exist yet)."""
+    shutil.copytree(extension_source(), directory, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    core = directory / "lib" / CORE_PACKAGE
+    core.mkdir(parents=True)
+    source = core_source()
+    for name in CORE_FILES:
+        shutil.copy2(source / name, core / name)
+    (core / "__init__.py").write_text(
+        f'"""PaRa math copied from para-trainer {__version__} (networks/) by `para-trainer webui install`; '
+        'do not edit: reinstall instead."""\n', encoding="utf-8")
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def install_extension(webui_dir, force: bool = False) -> Path:
+    """Copy sd-webui-para into `<webui_dir>/extensions/sd-webui-para` and return that path.
+
+    The new folder is built beside the target and renamed into place, so the WebUI never sees half an install.
+    An identical install is left alone; a different one (another version, local edits) needs force=True.
+    """
+    webui = Path(webui_dir).expanduser()
+    if not (webui / LORA_MARKER).is_file():
+        raise WebUIError(
+            f"{webui} is not an AUTOMATIC1111/Forge-with-A1111-Lora WebUI folder: {LORA_MARKER.as_posix()} is "
+            "missing; pass the WebUI's top folder (the one with webui.py and extensions-builtin/)")
+    extensions = webui / "extensions"
+    target = extensions / EXTENSION_NAME
+    if target.exists() and not target.is_dir():
+        raise WebUIError(f"{target} exists and is not a folder; move it away and run the install again")
+    extensions.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EXTENSION_NAME}-new-", dir=extensions))
+    old = None
+    try:
+        _stage(staging / EXTENSION_NAME)
+        new = staging / EXTENSION_NAME
+        if target.exists():
+            if _tree(target) == _tree(new):
+                return target
+            if not force:
+                raise WebUIError(
+                    f"{target} already holds a different {EXTENSION_NAME} (another version or local edits); "
+                    "pass --force to replace it")
+            old = staging / "old"
+            target.rename(old)
+        try:
+            new.rename(target)
+        except OSError:
+            if old is not None:
+                old.rename(target)  # put the previous install back
+            raise
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run_install(options) -> int:
+    try:
+        target = install_extension(options.webui_dir, force=options.force)
+    except WebUIError as error:
+        print(f"error: {error}")
+        return 2
+    print(f"installed {EXTENSION_NAME} into {target}; restart the WebUI, then use native PaRa files as "
+          "<lora:NAME:multiplier>")
+    return 0
+
+
+def add_subcommand(commands) -> None:
+    """`webui install PATH [--force]` on the CLI's subparsers (argparse)."""
+    webui = commands.add_parser("webui", help="the AUTOMATIC1111 WebUI extension for native PaRa files")
+    actions = webui.add_subparsers(dest="webui_command", required=True)
+    install = actions.add_parser("install", help="install sd-webui-para into a WebUI folder")
+    install.add_argument("webui_dir", metavar="PATH", help="the WebUI's top folder (holds extensions-builtin/)")
+    install.add_argument("--force", action="store_true", help="replace a different existing install")
+    install.set_defaults(run=_run_install)
