@@ -76,10 +76,6 @@ def check_settings(args) -> None:
         except ImportError:
             raise TrainError("--xformers: xformers is not installed (pip install 'para-trainer[xformers]'), or use "
                              "--sdpa") from None
-    if args.full_fp16 and args.mixed_precision != "fp16":
-        raise TrainError("--full_fp16 requires --mixed_precision fp16")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        raise TrainError("--full_bf16 requires --mixed_precision bf16")
     if not args.output_dir:
         raise TrainError("--output_dir is required: where the adapter, samples and log go")
     if args.resume and not os.path.isfile(os.path.join(args.resume, "train_state.json")):
