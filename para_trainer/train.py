@@ -221,6 +221,7 @@ def train(args) -> None:
         num_epochs=plan.epochs)
     training_metadata["ss_seed"] = str(seed)
     spec = file_metadata.modelspec(args, models, started_at)
+    prompts = read_prompts(args)  # a bad prompt file stops here, before any file is written
     output = OutputFiles(args, main_process)
     if main_process:
         output.start_log()
@@ -228,7 +229,6 @@ def train(args) -> None:
         logger.info("training %d steps (%d epochs of %d steps), %d images, batch %d x %d processes x %d accumulation",
                     plan.max_train_steps, plan.epochs, plan.steps_per_epoch, dataset.num_train_images,
                     args.train_batch_size, plan.processes, plan.accumulation)
-    prompts = read_prompts(args)
 
     def save(step: int, epoch: int, final: bool) -> None:
         file_meta = dict(file_metadata.at_save(training_metadata, step, epoch), **spec)

@@ -291,3 +291,12 @@ def test_uncached_hub_model_offline_says_so(tmp_path, capsys, monkeypatch):
     assert main(base_args(tmp_path / "out", "someone/not-a-cached-model", 2)) == 2
     err = capsys.readouterr().err
     assert "someone/not-a-cached-model" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_bad_sample_prompt_file_stops_before_writing(tmp_path, capsys):
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text("[prompt\n")  # broken TOML
+    out = tmp_path / "out"
+    assert main(base_args(out, "builtin:tiny-sd1", 2, "--sample_prompts", str(prompts))) == 2
+    assert "prompts.toml" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
