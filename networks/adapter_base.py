@@ -231,6 +231,12 @@ def parse_network_args(kwargs: dict, spec: dict[str, Callable], unsupported: dic
     return parsed
 
 
+# sd-scripts LoRA arguments that other algorithms refuse (each says why in its UNSUPPORTED_ARGS).
+BLOCK_DIM_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+BLOCK_LR_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
 def positive_int(value) -> int:
     number = int(str(value).strip()) if not isinstance(value, int) else value
     if number <= 0:

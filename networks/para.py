@@ -9,7 +9,10 @@ benchmark call it.
 
 Native file format (one entry per adapted layer, sd-scripts key names):
     <lora_name>.para_q   float (d_out, r)   Q, the orthonormal basis of the removed directions
-plus the metadata passed in, `ss_network_module`, `para.format_version` and sd-scripts' `sshs_*` hashes.
+plus the metadata passed in, `ss_network_module`, `para.format_version` ("1") and sd-scripts' `sshs_*` hashes.
+A layer with a chain of stages applied in order — merged PaRa files, PaRa + LoRA (network_args lora_dim), PaRa
+after a LoRA file — has, per stage i, `stageI.para_q` (W <- W - s·Q QᵀW) or `stageI.lora_up` (d_out, k[, 1, 1])
+and `stageI.lora_down` (k, d_in[, kh, kw]) (W <- W + s·up·down), and `stageI.strength` (scalar s); version "2".
 Q is stored rather than B: the layer depends on span(B) only, Q is what every consumer needs (merge,
 export, WebUI) without a QR, and loading Q back as B resumes training with the same function.
 
@@ -19,12 +22,17 @@ Needs only torch, safetensors, the standard library and adapter_base.py beside i
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .adapter_base import (
+    BLOCK_DIM_ARGS,
+    BLOCK_LR_ARGS,
+    LORAPLUS_ARGS,
     PRESETS,
     AdapterFileError,
     AdapterModule,
@@ -46,7 +54,10 @@ from .adapter_base import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
+CHAIN_FORMAT_VERSION = "2"
 Q_KEY = "para_q"
+UP_KEY, DOWN_KEY, STRENGTH_KEY = "lora_up", "lora_down", "strength"  # parts of a chain's stages (stageN.*)
+STAGE_PARTS = (Q_KEY, UP_KEY, DOWN_KEY, STRENGTH_KEY)
 
 # A B whose smallest |R_ii| falls this far below its largest has (numerically) lost a column: QR's gradient
 # then blows up. float32 QR resolves about 1e-7; stop well before that.
@@ -57,17 +68,55 @@ RANK_LOSS_THRESHOLD = 1e-5
 # Functional core
 
 
+class _GramQR(torch.autograd.Function):
+    """B = QR through the Cholesky factor of BᵀB (computed in float64), with QR's exact backward for Q.
+
+    Three BLAS-3 products of d·r² instead of LAPACK's Householder QR, which on a CPU took 5-10x longer forward
+    and backward (issue 8). In float64 the Gram matrix squares cond(B) harmlessly: Q is orthonormal to float32
+    precision for cond(B) up to ~1e6; `orthonormal_basis` falls back to Householder before that.
+    """
+
+    @staticmethod
+    def forward(ctx, b):
+        wide = b.to(torch.float64)
+        lower, info = torch.linalg.cholesky_ex(wide.mT @ wide)
+        # LAPACK hands Q back column-major; row-major Q makes the projection's matmuls (and so its rounding)
+        # the same whether Q comes from here or from a file.
+        q = torch.linalg.solve_triangular(lower.mT, wide, upper=True, left=False).to(
+            b.dtype, memory_format=torch.contiguous_format)
+        r = lower.mT.to(b.dtype)
+        ctx.save_for_backward(q, r)
+        ctx.mark_non_differentiable(r, info)
+        return q, r, info
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q, grad_r, grad_info):
+        # QR's backward with no gradient on R (as torch's linalg_qr_backward): (gQ - Q copyltu(gQᵀQ)) R⁻ᵀ.
+        q, r = ctx.saved_tensors
+        m = grad_q.mT @ q
+        m = m.tril() + m.tril(-1).mT
+        return torch.linalg.solve_triangular(r.mT, grad_q - q @ m, upper=False, left=False)
+
+
 def orthonormal_basis(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q of QR(B) in float32 or better (also under fp16/bf16 autocast), and min|R_ii| / max|R_ii| per matrix.
 
-    Works on one B (d, r) or a batch (k, d, r). The ratio tells how close B is to losing rank.
+    Works on one B (d, r) or a batch (k, d, r). The ratio tells how close B is to losing rank. Q has R's
+    diagonal positive (LAPACK's signs may differ; QQᵀ, all PaRa uses, is the same).
     """
     with torch.autocast(device_type=b.device.type, enabled=False):
-        q, r = torch.linalg.qr(b.to(torch.promote_types(b.dtype, torch.float32)), mode="reduced")
-    diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
-    # LAPACK hands Q back column-major; row-major Q makes the projection's matmuls (and so its rounding) the
-    # same whether Q comes from QR or from a file.
-    return q.contiguous(), diagonal.amin(-1) / diagonal.amax(-1).clamp_min(torch.finfo(q.dtype).tiny)
+        b = b.to(torch.promote_types(b.dtype, torch.float32))
+        q, r, info = _GramQR.apply(b)
+        diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+        ratio = diagonal.amin(-1) / diagonal.amax(-1).clamp_min(torch.finfo(q.dtype).tiny)
+        # One host check per batch: a (nearly) rank-deficient or non-finite B goes through Householder QR,
+        # which stays accurate where BᵀB does not (and lets the rank check report it).
+        if not bool(((info == 0) & (ratio >= 1e-4)).all()):
+            q, r = torch.linalg.qr(b, mode="reduced")
+            diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+            ratio = diagonal.amin(-1) / diagonal.amax(-1).clamp_min(torch.finfo(q.dtype).tiny)
+    return q.contiguous(), ratio  # row-major, as _GramQR's (LAPACK's is column-major)
 
 
 def para_coefficients(h: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
@@ -111,16 +160,163 @@ def para_lora_factors(weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tens
     return up.contiguous(), down.contiguous()
 
 
+# Chains: several adapters on one layer, applied in order. A merge of PaRa files, PaRa with LoRA (the paper's
+# joint form) and PaRa after a LoRA file are all chains of these two stage kinds.
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """W <- W - strength·Q Qᵀ W: a PaRa stage (Q: d_out x r, orthonormal columns)."""
+
+    q: torch.Tensor
+    strength: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[1]
+
+
+@dataclass(frozen=True)
+class Addition:
+    """W <- W + strength·up·down: a LoRA/LoCon stage (kohya layout: conv up (out, k, 1, 1), down (k, in, kh, kw))."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    strength: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+
+def chain_delta_weight(weight: torch.Tensor, stages, multiplier: float = 1.0) -> torch.Tensor:
+    """ΔW = W_chain - W0 for the stages applied to W0 in order, times `multiplier`, float32 or better.
+
+    ΔW is accumulated on its own (never as W_chain - W0), so small updates keep their precision.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w0 = weight.detach().reshape(weight.shape[0], -1).to(dtype)
+    delta = torch.zeros_like(w0)
+    for stage in stages:
+        if isinstance(stage, Reduction):
+            q = stage.q.to(w0.device, dtype)
+            delta = delta - stage.strength * (q @ (q.t() @ (w0 + delta)))
+        else:
+            up = stage.up.reshape(stage.up.shape[0], -1).to(w0.device, dtype)
+            down = stage.down.reshape(stage.down.shape[0], -1).to(w0.device, dtype)
+            delta = delta + stage.strength * (up @ down)
+    return (multiplier * delta).reshape(weight.shape)
+
+
+def chain_lora_factors(weight: torch.Tensor, stages) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact LoRA form of a chain: up @ down = W_chain - W0, rank Σ stage ranks, float32 or better.
+
+    A Reduction adds up = -strength·Q, down = Qᵀ W_current (W_current = W0 + the factors so far); an Addition
+    adds its own factors. Two PaRa files give up = [-Q1 | -Q2], down = [Q1ᵀW0 ; Q2ᵀW1]. Layout as para_lora_factors.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w0 = weight.detach().reshape(weight.shape[0], -1).to(dtype)
+    up = w0.new_zeros(w0.shape[0], 0)
+    down = w0.new_zeros(0, w0.shape[1])
+    for stage in stages:
+        if isinstance(stage, Reduction):
+            q = stage.q.to(w0.device, dtype)
+            new_up, new_down = -stage.strength * q, q.t() @ w0 + (q.t() @ up) @ down
+        else:
+            new_up = stage.strength * stage.up.reshape(stage.up.shape[0], -1).to(w0.device, dtype)
+            new_down = stage.down.reshape(stage.down.shape[0], -1).to(w0.device, dtype)
+        up, down = torch.cat([up, new_up], 1), torch.cat([down, new_down], 0)
+    if weight.dim() == 4:
+        return up[:, :, None, None].contiguous(), down.reshape(up.shape[1], *weight.shape[1:]).contiguous()
+    return up.contiguous(), down.contiguous()
+
+
+def lora_output(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """up·down applied to the layer's input, as the layer applies W (a conv's stride, padding and dilation)."""
+    up, down = up.to(x.dtype), down.to(x.dtype)
+    if layer.__class__.__name__ == "Conv2d":
+        kernel = down.reshape(down.shape[0], *layer.weight.shape[1:])
+        hidden = F.conv2d(x, kernel, None, layer.stride, layer.padding, layer.dilation)
+        return F.conv2d(hidden, up.reshape(up.shape[0], -1)[:, :, None, None])
+    return F.linear(F.linear(x, down.reshape(down.shape[0], -1)), up.reshape(up.shape[0], -1))
+
+
+def chain_output(x: torch.Tensor, out: torch.Tensor, stages, layer: nn.Module, multiplier: float = 1.0) -> torch.Tensor:
+    """The layer's output with the chain applied: out + m·(W_chain - W0)x, computed stage by stage on outputs.
+
+    A Reduction removes its directions from the current bias-free output; an Addition adds up·down·x.
+    """
+    conv = layer.__class__.__name__ == "Conv2d"
+    h = out
+    for stage in stages:
+        if isinstance(stage, Reduction):
+            h = h - stage.strength * para_expand(para_coefficients(h, stage.q, layer.bias, conv), stage.q, conv)
+        else:
+            h = h + stage.strength * lora_output(x, stage.up, stage.down, layer)
+    return h if multiplier == 1 else out + multiplier * (h - out)
+
+
+def format_version(tensors: dict[str, torch.Tensor]) -> str:
+    """"1" for plain PaRa files (para_q only), "2" when some module holds a chain (stageN.* tensors)."""
+    return CHAIN_FORMAT_VERSION if any(".stage" in key for key in tensors) else FORMAT_VERSION
+
+
+def stages_to_file(stages) -> dict[str, torch.Tensor]:
+    """A chain as file tensors (without the module prefix): a lone full-strength Reduction is the plain format."""
+    if len(stages) == 1 and isinstance(stages[0], Reduction) and stages[0].strength == 1:
+        return {Q_KEY: stages[0].q}
+    tensors = {}
+    for i, stage in enumerate(stages):
+        if isinstance(stage, Reduction):
+            tensors[f"stage{i}.{Q_KEY}"] = stage.q
+        else:
+            tensors[f"stage{i}.{UP_KEY}"] = stage.up
+            tensors[f"stage{i}.{DOWN_KEY}"] = stage.down
+        tensors[f"stage{i}.{STRENGTH_KEY}"] = torch.tensor(float(stage.strength))
+    return tensors
+
+
+def stages_from_file(parts: dict[str, torch.Tensor], where: str) -> list:
+    """The chain of one module's file tensors (the inverse of stages_to_file); AdapterFileError when malformed."""
+    if set(parts) == {Q_KEY}:
+        return [Reduction(parts[Q_KEY])]
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in parts.items():
+        stage, _, part = key.partition(".")
+        if not (stage.startswith("stage") and stage[5:].isdigit()) or part not in STAGE_PARTS:
+            raise AdapterFileError(f"{where}: unknown PaRa tensor {key!r} (expected {Q_KEY} or stageN.{Q_KEY}, "
+                                   f"stageN.{UP_KEY}, stageN.{DOWN_KEY}, stageN.{STRENGTH_KEY})")
+        by_index.setdefault(int(stage[5:]), {})[part] = tensor
+    if sorted(by_index) != list(range(len(by_index))):
+        raise AdapterFileError(f"{where}: PaRa stages {sorted(by_index)} are not numbered 0, 1, 2, ...")
+    stages = []
+    for i in range(len(by_index)):
+        stage = by_index[i]
+        strength = float(stage[STRENGTH_KEY]) if STRENGTH_KEY in stage else None
+        if set(stage) == {Q_KEY, STRENGTH_KEY} and stage[Q_KEY].dim() == 2:
+            stages.append(Reduction(stage[Q_KEY], strength))
+        elif set(stage) == {UP_KEY, DOWN_KEY, STRENGTH_KEY} and stage[UP_KEY].shape[1] == stage[DOWN_KEY].shape[0]:
+            stages.append(Addition(stage[UP_KEY], stage[DOWN_KEY], strength))
+        else:
+            raise AdapterFileError(f"{where}: PaRa stage {i} has {sorted(stage)} with mismatched or missing tensors")
+    return stages
+
+
 # --------------------------------------------------------------------------------------------------
 # One adapted layer
 
 
 class ParaModule(AdapterModule):
-    """out = base(x) - m·Q Qᵀ (base(x) - bias): the bias-free output reused, no second matmul with W0."""
+    """out = base(x) - m·s_p·Q Qᵀ (base(x) - bias) [+ m·s_l·up·down·x]: the bias-free output reused.
+
+    s_p = para_strength² and, with lora_dim, a LoRA term trained with it: the paper's joint form
+    ΔW = (-α1 Q | α2 B)(α1 QᵀW0 ; α2 A) = -α1² Q QᵀW0 + α2² B A, i.e. the chain [PaRa, then LoRA].
+    """
 
     file_keys = (Q_KEY,)
 
-    def __init__(self, lora_name: str, layer: nn.Module, rank: int, **kwargs):
+    def __init__(self, lora_name: str, layer: nn.Module, rank: int, para_scale: float = 1.0,
+                 lora_rank: int | None = None, lora_scale: float = 1.0, **kwargs):
         super().__init__(lora_name, layer, **kwargs)
         if not 0 < rank < self.out_features:
             raise NetworkArgsError(
@@ -136,6 +332,17 @@ class ParaModule(AdapterModule):
         self._loading_q = False
         self._register_load_state_dict_pre_hook(self._accept_file_key)
         self.register_load_state_dict_post_hook(self._mark_loaded_q)
+        self.para_scale = para_scale
+        self.lora_rank = lora_rank
+        self.lora_scale = lora_scale
+        if lora_rank:
+            down = torch.empty(lora_rank, self.in_features)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # as sd-scripts' LoRA; up = 0 makes the term 0 at step 0
+            self.lora_down = nn.Parameter(down)
+            self.lora_up = nn.Parameter(torch.zeros(self.out_features, lora_rank))
+        else:
+            self.register_parameter("lora_down", None)
+            self.register_parameter("lora_up", None)
 
     # Q for this forward pass: set by the network once per model call (one batched QR per shape), else here.
     def basis(self) -> torch.Tensor:
@@ -165,26 +372,56 @@ class ParaModule(AdapterModule):
                 shape = (c.shape[0], self.rank, 1, 1) if self.is_conv else (c.shape[0],) + (1,) * (c.dim() - 2) + (
                     self.rank,)
                 c = c * keep.view(shape) / (1 - self.rank_dropout)
-        return out - self.multiplier * para_expand(c, q, self.is_conv)
+        out = out - (self.multiplier * self.para_scale) * para_expand(c, q, self.is_conv)
+        if self.lora_rank:
+            out = out + (self.multiplier * self.lora_scale) * lora_output(x, self.lora_up, self.lora_down, self.layer)
+        return out
 
     def current_q(self) -> torch.Tensor:
         with torch.no_grad():
             q = self.basis()
         return q.to(torch.promote_types(q.dtype, torch.float32))
 
+    def stages(self) -> list:
+        """This layer as a chain (detached): [PaRa] or, with lora_dim, [PaRa, LoRA]; LoRA in kohya's file layout."""
+        stages = [Reduction(self.current_q(), self.para_scale)]
+        if self.lora_rank:
+            up, down = self.lora_up.detach().float(), self.lora_down.detach().float()
+            if self.is_conv:
+                up, down = up[:, :, None, None], down.reshape(self.lora_rank, *self.layer.weight.shape[1:])
+            stages.append(Addition(up, down, self.lora_scale))
+        return stages
+
     def delta_weight(self) -> torch.Tensor:
-        return para_delta_weight(self.layer.weight, self.current_q(), self.multiplier)
+        return chain_delta_weight(self.layer.weight, self.stages(), self.multiplier)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {Q_KEY: self.current_q().detach().clone()}
+        return {key: tensor.clone() for key, tensor in stages_to_file(self.stages()).items()}
 
     @torch.no_grad()
     def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        q = tensors[Q_KEY]
+        stages = stages_from_file(tensors, self.lora_name)
+        expected = "PaRa then LoRA" if self.lora_rank else "PaRa"
+        found = " then ".join("PaRa" if isinstance(s, Reduction) else "LoRA" for s in stages)
+        if found != expected:
+            raise AdapterFileError(f"{self.lora_name}: the file holds {found} for this layer, this network trains "
+                                   f"{expected}; load merged files with --base_weights, and give lora_dim exactly "
+                                   "when the file has a LoRA part")
+        q = stages[0].q
         if tuple(q.shape) != tuple(self.para_b.shape):
             raise AdapterFileError(
                 f"{self.lora_name}: the file's Q has shape {tuple(q.shape)}, this network expects "
                 f"{tuple(self.para_b.shape)} ({self.out_features} outputs, rank {self.rank})")
+        if self.lora_rank:
+            lora = stages[1]
+            up, down = lora.up.reshape(lora.up.shape[0], -1), lora.down.reshape(lora.down.shape[0], -1)
+            if up.shape != self.lora_up.shape or down.shape != self.lora_down.shape:
+                raise AdapterFileError(f"{self.lora_name}: the file's LoRA part has rank {lora.rank}, this network "
+                                       f"has lora_dim {self.lora_rank}")
+            self.lora_up.copy_(up)
+            self.lora_down.copy_(down)
+            self.lora_scale = lora.strength
+        self.para_scale = stages[0].strength
         self.para_b.copy_(q.to(self.para_b.dtype))
         self._b_is_orthonormal_at = self.para_b._version
         self._basis_cache = None
@@ -216,6 +453,64 @@ class ParaModule(AdapterModule):
         return None
 
 
+class ParaChainModule(AdapterModule):
+    """A layer with a fixed chain from a file (merged PaRa files, PaRa after a LoRA): inference and --base_weights.
+
+    Nothing in it trains; to train on top of a merge, merge it into the base with --base_weights.
+    """
+
+    def __init__(self, lora_name: str, layer: nn.Module, stages, **kwargs):
+        super().__init__(lora_name, layer, **kwargs)
+        self._set_stages(stages)
+
+    def _set_stages(self, stages) -> None:
+        self._chain: list[tuple[type, float, tuple[str, ...]]] = []  # (stage kind, strength, buffer names)
+        for i, stage in enumerate(stages):
+            names = (f"stage{i}_q",) if isinstance(stage, Reduction) else (f"stage{i}_up", f"stage{i}_down")
+            tensors = (stage.q,) if isinstance(stage, Reduction) else (stage.up, stage.down)
+            for name, tensor in zip(names, tensors):
+                # buffers follow .to(device); not persistent: the file format is stages_to_file's
+                self.register_buffer(name, tensor.detach().float().clone(), persistent=False)
+            self._chain.append((type(stage), float(stage.strength), names))
+
+    def stages(self) -> list:
+        return [kind(*(getattr(self, name) for name in names), strength) for kind, strength, names in self._chain]
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return chain_output(x, out, self.stages(), self.layer, self.multiplier)
+
+    def delta_weight(self) -> torch.Tensor:
+        return chain_delta_weight(self.layer.weight, self.stages(), self.multiplier)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {key: tensor.clone() for key, tensor in stages_to_file(self.stages()).items()}
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        stages = stages_from_file(tensors, self.lora_name)
+        check_stages_fit(self.lora_name, stages, self.layer, "the file")
+        for _, _, names in self._chain:
+            for name in names:
+                delattr(self, name)
+        self._set_stages(stages)
+
+
+def check_stages_fit(lora_name: str, stages, layer: nn.Module, source: str, about_file: str = "") -> None:
+    """AdapterFileError unless every stage's factors have the layer's output and input sizes."""
+    out_features, in_features = layer.weight.shape[0], layer.weight[0].numel()
+    for i, stage in enumerate(stages):
+        if isinstance(stage, Reduction):
+            fits = stage.q.dim() == 2 and stage.q.shape[0] == out_features and 0 < stage.rank < out_features
+        else:
+            fits = stage.up.shape[0] == out_features and stage.down[0].numel() == in_features
+        if not fits:
+            what = (f"has Q of shape {tuple(stage.q.shape)}" if isinstance(stage, Reduction) else
+                    f"has LoRA factors of shapes {tuple(stage.up.shape)}, {tuple(stage.down.shape)}")
+            where = f" (stage {i})" if len(stages) > 1 else ""
+            raise AdapterFileError(
+                f"{source} does not fit this model: module {lora_name}{where} {what} but the layer has {out_features} "
+                f"outputs and {in_features} inputs{about_file}. Use the base model the adapter was made for.")
+
+
 # --------------------------------------------------------------------------------------------------
 # The network
 
@@ -227,7 +522,7 @@ class ParaRankLossError(RuntimeError):
 class ParaNetwork(AdapterNetwork):
     network_module = "networks.para"
 
-    def __init__(self, modules: list[ParaModule], multiplier: float = 1.0, metadata: dict | None = None):
+    def __init__(self, modules: list[ParaModule | ParaChainModule], multiplier: float = 1.0, metadata: dict | None = None):
         super().__init__(modules, multiplier, metadata)
         self.file_metadata.setdefault("para.format_version", FORMAT_VERSION)
         self._root_hooks = []
@@ -240,7 +535,7 @@ class ParaNetwork(AdapterNetwork):
                  if apply_text_encoder else []) + ([(unet, self.unet_modules)] if apply_unet and unet is not None else [])
         for root, modules in roots:
             layer_ids = {id(layer) for layer in root.modules()}
-            owned = [m for m in modules if id(m.layer) in layer_ids]
+            owned = [m for m in modules if id(m.layer) in layer_ids and isinstance(m, ParaModule)]
             if owned:
                 self._root_hooks.append(root.register_forward_pre_hook(lambda *_, owned=owned: refresh_bases(owned)))
 
@@ -255,7 +550,7 @@ class ParaNetwork(AdapterNetwork):
 
     def check_rank(self) -> None:
         """Raise when some B is not finite or has lost rank, instead of training on NaNs."""
-        modules = self.adapter_modules
+        modules = [m for m in self.adapter_modules if isinstance(m, ParaModule)]
         if not modules:
             return
         device = modules[0].para_b.device
@@ -267,6 +562,8 @@ class ParaNetwork(AdapterNetwork):
 
     def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
         self.check_rank()
+        metadata = dict(metadata or {})
+        metadata["para.format_version"] = format_version(self.file_state())
         super().save_weights(file, dtype, metadata)
 
     def apply_max_norm_regularization(self, max_norm_value, device):
@@ -303,16 +600,21 @@ NETWORK_ARGS = {
     "dropout": probability,
     "rank_dropout": probability,
     "module_dropout": probability,
+    # The paper's PaRa + LoRA: ΔW = -α1² Q QᵀW0 + α2²·(lora_alpha/lora_dim)·B A, trained together.
+    "lora_dim": positive_int,
+    "lora_alpha": float,
+    "para_strength": float,  # α1
+    "lora_strength": float,  # α2
 }
 UNSUPPORTED_ARGS = {
     key: "PaRa has one rank per layer type (network_dim, conv_dim); use preset/include/exclude to choose layers"
-    for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+    for key in BLOCK_DIM_ARGS
 } | {
     key: "per-block learning rates are not implemented for PaRa"
-    for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+    for key in BLOCK_LR_ARGS
 } | {
     key: "LoRA+ scales lora_up's learning rate; PaRa has no up matrix"
-    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+    for key in LORAPLUS_ARGS
 }
 
 
@@ -329,8 +631,15 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                                    args.get("include"), args.get("exclude"))
     if not targets:
         raise NetworkArgsError(f"preset {preset_name!r} with these include/exclude patterns selects no layer")
+    lora_rank = args.get("lora_dim")
+    if lora_rank is None and ("lora_alpha" in args or "lora_strength" in args):
+        raise NetworkArgsError("lora_alpha/lora_strength set the LoRA part of PaRa + LoRA: give lora_dim=N too")
+    para_scale = args.get("para_strength", 1.0) ** 2
+    lora_scale = args.get("lora_strength", 1.0) ** 2 * (args.get("lora_alpha", lora_rank) / lora_rank) \
+        if lora_rank else 1.0
     modules = [
-        ParaModule(t.lora_name, t.layer, conv_rank if t.is_conv3x3 else rank, dropout=dropout,
+        ParaModule(t.lora_name, t.layer, conv_rank if t.is_conv3x3 else rank, para_scale=para_scale,
+                   lora_rank=lora_rank, lora_scale=lora_scale, dropout=dropout,
                    rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"))
         for t in targets
     ]
@@ -352,18 +661,24 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     if weights_sd is None:
         weights_sd, metadata = read_adapter_file(str(file))
     groups = group_by_module(weights_sd)
-    not_para = [name for name, parts in groups.items() if Q_KEY not in parts]
+    not_para = [name for name, parts in groups.items()
+                if not any(part == Q_KEY or part.startswith("stage") for part in parts)]
     if not_para:
         raise AdapterFileError(
             f"{file} is not a native PaRa file: module {not_para[0]} has no {Q_KEY} "
             f"(it has {', '.join(sorted(groups[not_para[0]]))}); LoRA/LoCon files load with networks.lora")
     modules = []
     for target in layers_for_file(text_encoder, unet, groups, metadata, str(file)):
-        q = groups[target.lora_name][Q_KEY]
-        if q.dim() != 2 or q.shape[0] != target.layer.weight.shape[0]:
-            raise AdapterFileError(
-                f"{file} does not fit this model: module {target.lora_name} has Q of shape {tuple(q.shape)} but the "
-                f"layer has {target.layer.weight.shape[0]} outputs{describe_file_model(metadata)}")
-        modules.append(ParaModule(target.lora_name, target.layer, q.shape[1]))
+        stages = stages_from_file(groups[target.lora_name], f"{file}: module {target.lora_name}")
+        check_stages_fit(target.lora_name, stages, target.layer, str(file), describe_file_model(metadata))
+        kinds = [type(stage) for stage in stages]
+        if kinds == [Reduction]:
+            module = ParaModule(target.lora_name, target.layer, stages[0].rank, para_scale=stages[0].strength)
+        elif kinds == [Reduction, Addition]:  # PaRa + LoRA (trained jointly, or PaRa then a LoRA): trainable
+            module = ParaModule(target.lora_name, target.layer, stages[0].rank, para_scale=stages[0].strength,
+                                lora_rank=stages[1].rank, lora_scale=stages[1].strength)
+        else:
+            module = ParaChainModule(target.lora_name, target.layer, stages)
+        modules.append(module)
     return ParaNetwork(modules, multiplier), weights_sd
 

@@ -107,6 +107,8 @@ SUPPORTED_GROUPS = {
     "saving": "output_dir output_name save_model_as save_precision save_every_n_epochs save_every_n_steps "
               "save_last_n_epochs save_last_n_steps save_last_n_epochs_state save_last_n_steps_state save_state "
               "save_state_on_train_end resume no_metadata no_export_lora",
+    "hub": "huggingface_repo_id huggingface_repo_type huggingface_path_in_repo huggingface_token "
+           "huggingface_repo_visibility save_state_to_huggingface resume_from_huggingface async_upload",
     "sampling": "sample_prompts sample_every_n_steps sample_every_n_epochs sample_at_first sample_sampler",
     "logging": "logging_dir log_with log_prefix metadata_title metadata_author metadata_description metadata_license "
                "metadata_tags metadata_usage_hint metadata_trigger_phrase metadata_thumbnail metadata_merged_from "
@@ -151,9 +153,6 @@ HARMLESS = {  # accepted; no effect on the adapter or the files written
 }
 
 UNSUPPORTED_REASONS = {  # the rest is rejected when used; these say why, others get UNSUPPORTED_DEFAULT_REASON
-    **dict.fromkeys(["huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-                     "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
-                     "async_upload"], "Hub upload is not implemented yet"),
     "deepspeed": "DeepSpeed is not implemented; para-trainer trains with plain accelerate",
     **dict.fromkeys(["fp8_base", "fp8_base_unet"], "fp8 base weights are not implemented"),
     **dict.fromkeys(["in_json", "dataset_class"], "only DreamBooth folders and --dataset_config datasets are "
@@ -433,6 +432,31 @@ def _combination_problems(args) -> list[str]:
                                 "would not see the changed captions)")
     if (args.cache_latents or args.cache_latents_to_disk) and args.random_crop and args.dataset_config is None:
         problems.append("--cache_latents cannot be used with --random_crop (each epoch crops differently)")
+    return problems + _hub_problems(args)
+
+
+def _hub_problems(args) -> list[str]:
+    """sd-scripts' --huggingface_* options: values it would fail on late, and options that would do nothing."""
+    problems = []
+    if args.huggingface_repo_id:
+        parts = args.huggingface_repo_id.split("/")
+        if len(parts) > 2 or not all(parts):  # a bare REPO goes to the token's user, as in sd-scripts
+            problems.append(f"--huggingface_repo_id {args.huggingface_repo_id!r}: write USER/REPO, ORG/REPO or REPO")
+    else:
+        for option in ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_repo_visibility",
+                       "save_state_to_huggingface", "async_upload"):
+            if getattr(args, option):
+                problems.append(f"--{option} has an effect only together with --huggingface_repo_id USER/REPO")
+    if args.huggingface_repo_type not in (None, "model", "dataset"):
+        problems.append(f"--huggingface_repo_type {args.huggingface_repo_type!r}: use model (the default) or dataset")
+    if args.huggingface_repo_visibility not in (None, "public", "private"):
+        problems.append(f"--huggingface_repo_visibility {args.huggingface_repo_visibility!r}: use public or private "
+                        "(default: private, as in sd-scripts)")
+    if args.save_state_to_huggingface and not (args.save_state or args.save_state_on_train_end):
+        problems.append("--save_state_to_huggingface uploads the states that --save_state or "
+                        "--save_state_on_train_end write: give one of them")
+    if args.resume_from_huggingface and not args.resume:
+        problems.append("--resume_from_huggingface needs --resume USER/REPO/STATE_FOLDER[:REVISION[:REPO_TYPE]]")
     return problems
 
 

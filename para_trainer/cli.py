@@ -4,10 +4,26 @@
     para-trainer tiny-model KIND OUT    write an embedded tiny model (sd1, sd2, sdxl) as a diffusers folder,
                                         or as a single-file checkpoint when OUT ends in .safetensors/.ckpt
     para-trainer example-data OUT       write the bundled example images in sd-scripts' DreamBooth layout
-    para-trainer export NATIVE --model BASE -o OUT [--to lora|merged]
-                                        an exact LoRA/LoCon file, or the adapter baked into the base model
+    para-trainer export FILE --model BASE -o OUT [--to lora|merged] [--rank N]
+                                        an exact LoRA/LoCon file of a PaRa or KronA adapter, or adapters baked
+                                        into the base model
+    para-trainer merge A B [...] -o OUT [--model BASE] [--orthogonal]
+                                        several adapters (PaRa, LoRA/LoCon, LoKr) as one native PaRa file,
+                                        and with --model its exact LoRA export
+    para-trainer sample --model BASE [--network FILE[:STRENGTH]]... --prompt TEXT --out DIR
+                                        images with adapters applied, and a labelled contact sheet
     para-trainer inspect FILE [--json]  what an adapter or model file is: kind, base, ranks, metadata, hashes
     para-trainer webui install PATH     install the AUTOMATIC1111 extension for native PaRa files
+    para-trainer bench [--ranks 4,32,128] [--methods ...] [--json] [--smoke]
+                                        PaRa vs peft LoRA/PaRa, LyCORIS, sd-scripts LoRA, KronA: step time,
+                                        memory, parameters, file size on one UNet (para_trainer/bench.py)
+    para-trainer push FILE_OR_DIR... USER/REPO [--revision R] [--private] [--message M]
+                                        upload adapters, their LoRA export, samples and a model card in one commit
+    para-trainer pull USER/REPO[@REV] [FILE ...] [-o DIR]
+                                        download files of a Hub repository (through the Hugging Face cache)
+
+Wherever a file is read (export, merge, sample, inspect, --network_weights), hf://USER/REPO[@REV]/PATH names a
+file on the Hugging Face Hub (para_trainer/hub.py).
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ def _example_data(options) -> int:
     from .example_images import write_example_dataset
 
     write_example_dataset(options.out)
-    print(f"wrote the example dataset to {options.out} (train/ and reg/ in sd-scripts' DreamBooth layout)")
+    print(f"wrote the example dataset to {options.out} (train/, reg/ and one_image/ in sd-scripts' DreamBooth layout)")
     return 0
 
 
@@ -41,6 +57,12 @@ def _export(options) -> int:
     from .export import run_export
 
     return run_export(options)
+
+
+def _merge(options) -> int:
+    from .merge import run_merge
+
+    return run_merge(options)
 
 
 def _inspect(options) -> int:
@@ -62,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("out")
     example.set_defaults(run=_example_data)
 
-    export = commands.add_parser("export", help="a native PaRa file as an exact LoRA/LoCon, or merged into the base")
-    export.add_argument("adapters", nargs="+", metavar="NATIVE",
-                        help="native PaRa .safetensors; several only with --to merged (merged in this order)")
+    export = commands.add_parser("export", help="a native PaRa or KronA file as an exact LoRA/LoCon, or adapters "
+                                                "merged into the base")
+    export.add_argument("adapters", nargs="+", metavar="FILE",
+                        help="native PaRa or KronA .safetensors; --to merged: also LoRA/LoCon/LoKr, several "
+                             "(merged in this order)")
     export.add_argument("--model", help="the base model it was trained on: diffusers folder, .safetensors/.ckpt, "
                                         "Hub id or builtin:tiny-sd1|tiny-sd2|tiny-sdxl")
     export.add_argument("-o", "--out", required=True,
@@ -73,10 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", choices=["fp16", "fp32", "bf16"], default=None,
                         help="default: fp16 for lora, fp32 for merged; bf16 costs about 2e-3 relative error")
     export.add_argument("--multiplier", type=float, nargs="+", help="--to merged: strength per file (default 1)")
+    export.add_argument("--rank", type=int, help="KronA/LoKr --to lora: truncate every module to this rank (the "
+                                                 "error is printed); default exact, rank(A)·rank(B)")
     export.add_argument("--force", action="store_true", help="export although the file records another base model")
     export.add_argument("--v2", action="store_true", help="the base is an SD2 single-file checkpoint")
     export.add_argument("--v_parameterization", action="store_true")
     export.set_defaults(run=_export)
+
+    merge = commands.add_parser("merge", help="several adapters as one native PaRa file (+ its exact LoRA export)")
+    merge.add_argument("adapters", nargs="+", metavar="FILE[:STRENGTH]",
+                       help="native PaRa, merged, LoRA/LoCon or LoKr files, applied in this order")
+    merge.add_argument("-o", "--out", required=True, help="the merged native file (.safetensors); the LoRA export "
+                                                          "goes beside it as NAME_lora.safetensors")
+    merge.add_argument("--model", help="the base model: checks the files' base and writes the exact LoRA export")
+    merge.add_argument("--orthogonal", action="store_true",
+                       help="one projection onto the span of all Q's (order-free) instead of one after another")
+    merge.add_argument("--no-export-lora", dest="no_export_lora", action="store_true")
+    merge.add_argument("--precision", choices=["fp16", "fp32", "bf16"], default="fp16", help="of the LoRA export")
+    merge.add_argument("--force", action="store_true", help="merge although a file records another base model")
+    merge.add_argument("--v2", action="store_true", help="the base is an SD2 single-file checkpoint")
+    merge.set_defaults(run=_merge)
+
+    from .sample_command import add_subcommand as add_sample_subcommand
+
+    add_sample_subcommand(commands)
 
     inspect = commands.add_parser("inspect", help="what an adapter or model file is: kind, base, ranks, metadata")
     inspect.add_argument("file")
@@ -87,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .webui import add_subcommand as add_webui_subcommand
 
     add_webui_subcommand(commands)
+
+    from .bench import add_subcommand as add_bench_subcommand
+
+    add_bench_subcommand(commands)
+
+    from .hub import add_subcommands as add_hub_subcommands
+
+    add_hub_subcommands(commands)
     return parser
 
 

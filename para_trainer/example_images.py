@@ -3,6 +3,7 @@
     write_example_dataset(directory)   writes sd-scripts' DreamBooth layout:
         directory/train/5_sks toy/img_N.png + img_N.txt     the subject (a red-and-yellow striped ball with a face)
         directory/reg/1_toy/img_N.png + img_N.txt           regularization images: other toys
+        directory/one_image/1_photo/toy.png + toy.txt       one image and its caption, for single-image editing
 
 Captions are .txt files, so train with --caption_extension .txt (sd-scripts' default is .caption).
 The same files are kept in para_trainer/example_data/ (python -m para_trainer.example_images rewrites them).
@@ -24,6 +25,8 @@ PACKAGE_COPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "example
 SUBJECT_FOLDER = "train/5_sks toy"
 CLASS_FOLDER = "reg/1_toy"
 CLASS_CAPTION = "a photo of a toy"
+ONE_IMAGE_FOLDER = "one_image/1_photo"
+ONE_IMAGE_CAPTION = "a photo of a striped ball toy on a wooden table"
 
 
 class Canvas:
@@ -224,11 +227,15 @@ def example_files() -> dict[str, bytes]:
     for n, draw in enumerate(CLASS_TOYS, 1):
         files[f"{CLASS_FOLDER}/img_{n}.png"] = draw().png()
         files[f"{CLASS_FOLDER}/img_{n}.txt"] = f"{CLASS_CAPTION}\n".encode()
+    canvas = table()
+    striped_ball(canvas, 30, 30, 16, 1, 2)
+    files[f"{ONE_IMAGE_FOLDER}/toy.png"] = canvas.png()
+    files[f"{ONE_IMAGE_FOLDER}/toy.txt"] = f"{ONE_IMAGE_CAPTION}\n".encode()
     return files
 
 
 def write_example_dataset(directory: str) -> list[str]:
-    """Write the example dataset under `directory` (train/ and reg/); returns the paths written."""
+    """Write the example dataset under `directory` (train/, reg/, one_image/); returns the paths written."""
     written = []
     for relative, data in example_files().items():
         path = os.path.join(directory, *relative.split("/"))

@@ -28,9 +28,10 @@ from networks.adapter_base import (
     read_adapter_file,
     write_adapter_file,
 )
-from networks.para import Q_KEY, para_delta_weight, para_lora_factors
+from networks.para import Q_KEY, chain_delta_weight, chain_lora_factors, check_stages_fit, stages_from_file
 
 from . import __version__
+from .adapter_files import layer_chains, read_adapter
 from .metadata import ARCHITECTURES, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -92,20 +93,29 @@ def _precision(dtype) -> torch.dtype:
     raise ExportError(f"unknown export precision {dtype!r}; use one of {', '.join(PRECISIONS)}")
 
 
-def _read_native(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+def _is_para_module(parts) -> bool:
+    return any(part == Q_KEY or part.startswith("stage") for part in parts)
+
+
+def _read_native(path: str) -> tuple[dict[str, list], dict[str, str]]:
+    """A native PaRa file as chains: sd-scripts module name -> stages (plain PaRa: one Reduction)."""
     try:
         tensors, metadata = read_adapter_file(str(path))
     except AdapterFileError as error:
         raise ExportError(str(error)) from None
     groups = group_by_module(tensors)
-    if not groups or any(Q_KEY not in parts for parts in groups.values()):
+    if not groups or not all(_is_para_module(parts) for parts in groups.values()):
         from .inspect_file import module_kind_of_parts
 
-        name = next((n for n, parts in groups.items() if Q_KEY not in parts), None)
+        name = next((n for n, parts in groups.items() if not _is_para_module(parts)), None)
         what = f"{module_kind_of_parts(groups[name])} module {name}" if name else "no module"
         raise ExportError(f"{path} is not a native PaRa file (it has {what}); export takes the .safetensors that "
-                          "PaRa training wrote, with <module>.para_q tensors")
-    return groups, metadata
+                          "PaRa training or para-trainer merge wrote, with <module>.para_q tensors")
+    try:
+        chains = {name: stages_from_file(parts, f"{path}: module {name}") for name, parts in groups.items()}
+    except AdapterFileError as error:
+        raise ExportError(str(error)) from None
+    return chains, metadata
 
 
 def _base_layers(path, groups, metadata, models):
@@ -118,12 +128,11 @@ def _base_layers(path, groups, metadata, models):
         layers = layers_for_file(models.text_encoder_for_network, models.unet, groups, metadata, str(path))
     except AdapterFileError as error:
         raise ExportError(str(error)) from None
-    for target in layers:
-        q = groups[target.lora_name][Q_KEY]
-        if q.dim() != 2 or q.shape[0] != target.layer.weight.shape[0]:
-            raise ExportError(
-                f"{path} does not fit this model: module {target.lora_name} has Q of shape {tuple(q.shape)} but the "
-                f"layer has {target.layer.weight.shape[0]} outputs. Use the base model the adapter was trained on.")
+    try:
+        for target in layers:
+            check_stages_fit(target.lora_name, groups[target.lora_name], target.layer, str(path))
+    except AdapterFileError as error:
+        raise ExportError(str(error)) from None
     return layers
 
 
@@ -162,11 +171,44 @@ def _same_file(a, b) -> bool:
 # LoRA/LoCon export
 
 
-def _relative_error(up: torch.Tensor, down: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> float:
-    """‖up·down - (-Q Qᵀ W0)‖ / ‖Q Qᵀ W0‖ of the factors as stored, in float64."""
-    exact = para_delta_weight(weight.double(), q.double()).reshape(weight.shape[0], -1)
+def _relative_error(up: torch.Tensor, down: torch.Tensor, stages, weight: torch.Tensor) -> float:
+    """‖up·down - ΔW‖ / ‖ΔW‖ of the factors as stored against the chain's ΔW in float64."""
+    exact = chain_delta_weight(weight.double(), stages).reshape(weight.shape[0], -1)
     product = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
     return ((product - exact).norm() / exact.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+def _check_lora_output(adapter_path: str, out_path: str) -> None:
+    if not out_path.endswith(".safetensors"):
+        raise ExportError(f"output {out_path}: write the LoRA as .safetensors (its metadata and hashes need it)")
+    if _same_file(adapter_path, out_path):
+        raise ExportError(f"output {out_path} is the adapter file itself; choose another output path")
+
+
+def _rank_counts(ranks: dict[str, int]) -> dict[int, int]:
+    """rank -> number of modules, by rank."""
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _uniform_alphas(tensors: dict[str, torch.Tensor], ranks: dict[str, int], conv3x3: set[str]) -> None:
+    """One alpha for all linear modules and one for all 3x3 convs (the largest rank of each), with each module's
+    up scaled by rank/alpha so that alpha/rank·up·down is unchanged.
+
+    diffusers' kohya converter maps an attention module's own alpha to a key that matches no layer, so such a
+    module would load with the wrong scale (measured: KronA exports, whose ranks differ per module).
+    """
+    for group in ({n for n in ranks if n not in conv3x3}, conv3x3):
+        if not group:
+            continue
+        alpha = max(ranks[n] for n in group)
+        for name in group:
+            if ranks[name] != alpha:
+                up = tensors[f"{name}.lora_up.weight"]
+                tensors[f"{name}.lora_up.weight"] = (up.float() * (ranks[name] / alpha)).to(up.dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
 
 
 def _rank_summary(ranks: dict[str, int], conv3x3: set[str]) -> tuple[int, int | None, bool]:
@@ -188,10 +230,8 @@ def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[st
     if conv_dim is not None:  # where sd-scripts' LoRA records the 3x3-conv rank
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
     if uneven:
-        histogram: dict[str, int] = {}
-        for r in ranks.values():
-            histogram[str(r)] = histogram.get(str(r), 0) + 1
-        metadata["para.export_ranks"] = json.dumps(histogram)  # rank -> modules; alpha = rank in each module
+        # rank -> modules (alpha: the largest rank of the layer kind, _uniform_alphas)
+        metadata["para.export_ranks"] = json.dumps({str(r): n for r, n in _rank_counts(ranks).items()})
     metadata.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
@@ -223,10 +263,7 @@ def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool
     """
     adapter_path, out_path = str(adapter_path), str(out_path)
     precision = _precision(dtype)
-    if not out_path.endswith(".safetensors"):
-        raise ExportError(f"output {out_path}: write the LoRA as .safetensors (its metadata and hashes need it)")
-    if _same_file(adapter_path, out_path):
-        raise ExportError(f"output {out_path} is the native file itself; choose another output path")
+    _check_lora_output(adapter_path, out_path)
     groups, native_metadata = _read_native(adapter_path)
     layers = _base_layers(adapter_path, groups, native_metadata, models)
     warnings: list[str] = []
@@ -236,19 +273,19 @@ def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool
     worst_error, worst_module = 0.0, None
     for target in layers:
         name, weight = target.lora_name, target.layer.weight.detach()
-        q = groups[name][Q_KEY].to(torch.float32)  # the Q PaRa uses, as stored (no re-orthonormalisation)
-        up, down = para_lora_factors(weight, q)
+        stages = groups[name]  # the Q's PaRa uses, as stored (no re-orthonormalisation)
+        up, down = chain_lora_factors(weight, stages)
         up, down = up.to(precision), down.to(precision)
-        error = _relative_error(up, down, q, weight)
+        error = _relative_error(up, down, stages, weight)
         if error > worst_error:
             worst_error, worst_module = error, name
-        rank = q.shape[1]
+        rank = up.shape[1]
         tensors[f"{name}.lora_up.weight"] = up
         tensors[f"{name}.lora_down.weight"] = down
-        tensors[f"{name}.alpha"] = torch.tensor(float(rank))  # scale alpha/rank = 1 in every loader
         ranks[name] = rank
         if target.is_conv3x3:
             conv3x3.add(name)
+    _uniform_alphas(tensors, ranks, conv3x3)
 
     precision_name = PRECISION_NAMES[precision]
     metadata = _lora_metadata(native_metadata, models, out_path, ranks, conv3x3, file_sha256(adapter_path),
@@ -261,15 +298,12 @@ def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool
     if precision == torch.bfloat16:
         _warn(warnings, f"bf16 export: largest relative error of a module's ΔW is {worst_error:.1e} "
                         "(fp16 keeps about 8x less); use --precision fp16 or fp32 unless a loader needs bf16")
-    rank_counts: dict[int, int] = {}
-    for r in ranks.values():
-        rank_counts[r] = rank_counts.get(r, 0) + 1
     return {
         "out": out_path,
         "kind": "LoCon" if conv3x3 else "LoRA",
         "modules": len(layers),
         "conv3x3_modules": len(conv3x3),
-        "ranks": dict(sorted(rank_counts.items())),
+        "ranks": _rank_counts(ranks),
         "precision": precision_name,
         "max_relative_error": worst_error,
         "worst_module": worst_module,
@@ -277,6 +311,68 @@ def export_lora(adapter_path, models, out_path, dtype=torch.float16, force: bool
         "base_check": base_check,
         "warnings": warnings,
     }
+
+
+def _is_lokr_file(path: str) -> bool:
+    try:
+        tensors, _ = read_adapter_file(str(path))
+    except AdapterFileError:
+        return False
+    groups = group_by_module(tensors)
+    return bool(groups) and all(any(part.startswith("lokr_") for part in parts) for parts in groups.values())
+
+
+def export_krona_lora(adapter_path, models, out_path, dtype=torch.float16, rank: int | None = None,
+                      metadata_overrides: dict | None = None) -> dict:
+    """A KronA/LoKr file as a kohya LoRA/LoCon for loaders without LoKr (diffusers): exact at rank(A)·rank(B), or
+    truncated to `rank` per module (the largest singular values; the error is reported).
+
+    kron(A, B) does not involve the base weights, so any model with the same layers gives the same file; the model
+    gives the layer shapes and the version metadata.
+    """
+    from networks.krona import kron_delta_weight, krona_lora_factors, lokr_full_factors
+
+    adapter_path, out_path = str(adapter_path), str(out_path)
+    precision = _precision(dtype)
+    _check_lora_output(adapter_path, out_path)
+    if models is None:
+        raise ExportError(f"exporting {adapter_path} needs the base model (--model) for the layer shapes")
+    try:
+        tensors, native_metadata = read_adapter_file(adapter_path)
+        groups = group_by_module(tensors)
+        layers = layers_for_file(models.text_encoder_for_network, models.unet, groups, native_metadata, adapter_path)
+        tensors, ranks, conv3x3 = {}, {}, set()
+        worst_error, worst_module, largest_rank_error = 0.0, None, 0.0
+        for target in layers:
+            name, shape = target.lora_name, tuple(target.layer.weight.shape)
+            a, b = lokr_full_factors(groups[name], shape, f"{adapter_path}: module {name}")
+            up, down, truncation = krona_lora_factors(a, b, shape, 1.0, rank)
+            up, down = up.to(precision), down.to(precision)
+            exact = kron_delta_weight(a.double(), b.double(), shape).reshape(shape[0], -1)
+            product = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
+            error = ((product - exact).norm() / exact.norm().clamp_min(1e-300)).item()
+            if error > worst_error:
+                worst_error, worst_module = error, name
+            largest_rank_error = max(largest_rank_error, truncation)
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.lora_down.weight"] = down
+            ranks[name] = up.shape[1]
+            if target.is_conv3x3:
+                conv3x3.add(name)
+    except AdapterFileError as error:
+        raise ExportError(str(error)) from None
+    _uniform_alphas(tensors, ranks, conv3x3)
+    metadata = _lora_metadata(native_metadata, models, out_path, ranks, conv3x3, file_sha256(adapter_path),
+                              PRECISION_NAMES[precision], metadata_overrides)
+    metadata.pop("krona.format_version", None)
+    if rank is not None:
+        metadata["para.export_truncated_rank"] = str(rank)
+    write_adapter_file(out_path, tensors, metadata)
+    return {"out": out_path, "kind": "LoCon" if conv3x3 else "LoRA", "modules": len(layers),
+            "conv3x3_modules": len(conv3x3), "ranks": _rank_counts(ranks),
+            "precision": PRECISION_NAMES[precision], "max_relative_error": worst_error, "worst_module": worst_module,
+            "base_model_version": models.base_model_version, "base_check": "not needed (kron(A, B) has no W0)",
+            "truncation_error": largest_rank_error if rank is not None else None, "warnings": []}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +425,8 @@ def _save_diffusers_folder(pipe, out: str, dtype) -> None:
 
 @torch.no_grad()
 def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dict:
-    """Bake native PaRa files into the base: W <- W - m·Q Qᵀ W per file, in float32, in the given order.
+    """Bake adapter files into the base, in float32, in the given order: W <- W - m·Q Qᵀ W per PaRa file (a
+    chain stage by stage), W <- W + m·ΔW for LoRA/LoCon/LoKr files (adapter_files.py).
 
     `adapters`: (path, multiplier) pairs. `out`: a .safetensors/.ckpt single-file checkpoint (what A1111 loads
     as a model) or a path without suffix for a diffusers folder. `dtype` (None: as loaded, float32) casts what
@@ -352,20 +449,23 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
     warnings: list[str] = []
     plans = []
     for path, multiplier in adapters:
-        groups, metadata = _read_native(path)
-        layers = _base_layers(path, groups, metadata, models)
-        plans.append((path, multiplier, groups, metadata, layers))
-    # Each file must fit the untouched base or, trained with --base_weights, the base with the files before it.
-    fits_base = [bool(metadata.get(FINGERPRINT_KEY)) and _base_matches(metadata[FINGERPRINT_KEY], layers)
-                 for _, _, _, metadata, layers in plans]
+        try:
+            adapter = read_adapter(path).resolved(models)
+            plans.append((adapter, layer_chains(adapter, models, multiplier), multiplier))
+        except AdapterFileError as error:
+            raise ExportError(str(error)) from None
+    # Each PaRa file must fit the untouched base or, trained with --base_weights, the base with the files before it.
+    fits_base = [bool(a.metadata.get(FINGERPRINT_KEY)) and _base_matches(a.metadata[FINGERPRINT_KEY],
+                                                                         [t for t, _ in plan]) for a, plan, _ in plans]
     report_adapters = []
-    for fits, (path, multiplier, groups, metadata, layers) in zip(fits_base, plans):
-        base_check = _check_base(path, metadata, layers, force, warnings, fits)
-        for target in layers:
+    for fits, (adapter, plan, multiplier) in zip(fits_base, plans):
+        base_check = _check_base(adapter.path, adapter.metadata, [t for t, _ in plan], force, warnings, fits) \
+            if adapter.has_para else "not needed"
+        for target, stages in plan:
             weight = target.layer.weight
-            delta = para_delta_weight(weight, groups[target.lora_name][Q_KEY], multiplier)
+            delta = chain_delta_weight(weight, stages)
             weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-        report_adapters.append({"path": path, "multiplier": multiplier, "modules": len(layers),
+        report_adapters.append({"path": adapter.path, "multiplier": multiplier, "modules": len(plan),
                                 "base_check": base_check})
 
     if output_format == "single file":
@@ -393,11 +493,12 @@ def format_export_report(report: dict) -> str:
     ranks = ", ".join(f"rank {r}: {n}" for r, n in report["ranks"].items())
     return "\n".join([
         f"wrote {report['kind']} {report['out']} ({report['precision']}, {report['base_model_version']})",
-        f"  {report['modules']} modules ({report['conv3x3_modules']} 3x3 conv), {ranks}, alpha = rank",
+        f"  {report['modules']} modules ({report['conv3x3_modules']} 3x3 conv), {ranks}; alpha/rank·up·down = ΔW",
         f"  largest relative error of a module's ΔW as stored: {report['max_relative_error']:.1e} "
         f"({report['worst_module']})",
         f"  base model check: {report['base_check']}",
-    ])
+    ] + ([f"  truncated to rank {max(report['ranks'])}: largest relative error of a module's ΔW "
+          f"{report['truncation_error']:.2e}"] if report.get("truncation_error") is not None else []))
 
 
 def run_export(options) -> int:
@@ -405,25 +506,37 @@ def run_export(options) -> int:
     from .checkpoint import CheckpointError
     from .models import ModelError
 
+    from .hub import HubError, resolve_path
+
     try:
-        adapters = [str(a) for a in options.adapters]
+        adapters = [resolve_path(str(a)) for a in options.adapters]
         multipliers = options.multiplier or [1.0] * len(adapters)
         if options.to == "lora" and (len(adapters) != 1 or options.multiplier):
             raise ExportError("--to lora exports one native file, at strength 1 (set the strength in the front end, "
                               "e.g. <lora:name:0.8>); --multiplier and several files are for --to merged")
         if len(multipliers) != len(adapters):
             raise ExportError(f"{len(multipliers)} --multiplier values for {len(adapters)} files: give one per file")
-        for path in adapters:
-            _read_native(path)  # a wrong file fails before the (slow) base model is loaded
+        krona = options.to == "lora" and _is_lokr_file(adapters[0])
+        if options.rank is not None and not krona:
+            raise ExportError("--rank truncates the LoRA export of a KronA/LoKr file; PaRa's export is exact at its "
+                              "own rank r")
+        for path in adapters:  # a wrong file fails before the (slow) base model is loaded
+            if options.to == "merged":
+                read_adapter(path)
+            elif not krona:
+                _read_native(path)
         models = load_base_model(options.model, v2=options.v2, v_parameterization=options.v_parameterization) \
             if options.model else None
-        if options.to == "lora":
+        if krona:
+            report = export_krona_lora(adapters[0], models, options.out, dtype=options.precision or "fp16",
+                                       rank=options.rank)
+        elif options.to == "lora":
             report = export_lora(adapters[0], models, options.out, dtype=options.precision or "fp16",
                                  force=options.force)
         else:
             report = export_merged(list(zip(adapters, multipliers)), models, options.out, dtype=options.precision,
                                    force=options.force)
-    except (ExportError, ModelError, CheckpointError) as error:
+    except (ExportError, AdapterFileError, ModelError, CheckpointError, HubError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_export_report(report))

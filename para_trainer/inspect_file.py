@@ -40,6 +40,8 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 KIND_DESCRIPTIONS = {
     "native PaRa": "PaRa's own format (Q per layer): loads in para-trainer and the PaRa WebUI extension; export "
                    "it with `para-trainer export` for A1111/ComfyUI/Forge/diffusers",
+    "native PaRa chain": "PaRa's own format with several stages per layer (a para-trainer merge, PaRa + LoRA): "
+                         "loads in para-trainer and the PaRa WebUI extension; the rank shown is the LoRA export's",
     "LoRA": "kohya LoRA (lora_up/lora_down)",
     "LoCon": "kohya LoRA with k x k conv layers (LoCon)",
     "diffusers/peft LoRA": "LoRA with diffusers/peft key names (lora_A/lora_B)",
@@ -57,6 +59,8 @@ def module_kind_of_parts(parts) -> str:
     parts = set(parts)
     if "para_q" in parts:
         return "native PaRa"
+    if any(part.startswith("stage") and part.endswith((".para_q", ".lora_up")) for part in parts):
+        return "native PaRa chain"
     if {"lora_up.weight", "lora_down.weight"} <= parts or {"lora_A.weight", "lora_B.weight"} <= parts:
         return "LoRA"
     if {"lora.up.weight", "lora.down.weight"} <= parts or \
@@ -99,6 +103,12 @@ def _module_rank(kind: str, shape) -> int | None:
     """The rank as the WebUIs read it (alpha / rank is the scale), from `shape(part)`; None when full-rank."""
     if kind == "native PaRa":
         return shape("para_q")[1]
+    if kind == "native PaRa chain":  # the LoRA-export rank: every stage's Q or LoRA factor
+        rank, i = 0, 0
+        while shape(f"stage{i}.strength") is not None:
+            rank += (shape(f"stage{i}.para_q") or shape(f"stage{i}.lora_up"))[1]
+            i += 1
+        return rank
     for part in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight",
                  "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
         if shape(part) is not None:
@@ -411,9 +421,11 @@ def format_report(report: dict) -> str:
 
 def run_inspect(options) -> int:
     """`para-trainer inspect` (options from cli.py's parser): text, or the whole report as JSON with --json."""
-    try:
-        report = inspect(options.file, hashes=not options.no_hash)
-    except InspectError as error:
+    from .hub import HubError, resolve_path
+
+    try:  # an hf://USER/REPO/FILE reference is read from the Hugging Face cache (downloaded once)
+        report = inspect(resolve_path(options.file), hashes=not options.no_hash)
+    except (InspectError, HubError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, ensure_ascii=False) if options.json else format_report(report))

@@ -46,10 +46,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from networks.para import ParaRankLossError
 
     from .checkpoint import CheckpointError
+    from .hub import HubError
     from .sampling import SamplingError
 
     return (ArgsError, DataError, ModelError, OptimizerError, TrainError, NetworkArgsError, AdapterFileError,
-            CheckpointError, SamplingError, ParaRankLossError)
+            CheckpointError, SamplingError, ParaRankLossError, HubError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +138,9 @@ def item_generators(seed: int, epoch: int, batches: list) -> list[list[torch.Gen
 
 
 def train(args) -> None:
+    from .hub import prepare_training
+
+    hub_uploads = prepare_training(args)  # token and repo checked, hf:// inputs downloaded, before anything else
     check_settings(args)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -233,8 +237,12 @@ def train(args) -> None:
     def save(step: int, epoch: int, final: bool) -> None:
         file_meta = dict(file_metadata.at_save(training_metadata, step, epoch), **spec)
         output.save_adapter(network, file_meta, step, epoch, final, models)
-        if args.save_state or (final and args.save_state_on_train_end):
+        state_saved = bool(args.save_state or (final and args.save_state_on_train_end))
+        if state_saved:
             output.save_state(network, optimizer, lr_scheduler, step, epoch, seed, final)
+        if main_process:  # sd-scripts pushes every save; the final one waits for the last samples
+            hub_uploads.saved(output.adapter_path(step, epoch, final),
+                              output.state_path(step, epoch, final) if state_saved else None, final)
 
     def sample(step: int, epoch: int, tag: str) -> None:
         if prompts and main_process:
@@ -313,6 +321,7 @@ def train(args) -> None:
     if main_process:
         output.finish()
     accelerator.end_training()
+    hub_uploads.finish()  # the final push; raises HubError if any upload failed (the files are all saved)
 
 
 # --------------------------------------------------------------------------------------------------

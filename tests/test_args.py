@@ -242,7 +242,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("argv, name", [
     (["--fp8_base"], "fp8_base"),
-    (["--huggingface_repo_id", "x"], "huggingface_repo_id"),
+    (["--in_json", "x"], "in_json"),
     (["--deepspeed"], "deepspeed"),
     (["--color_aug"], "color_aug"),
     (["--masked_loss"], "masked_loss"),
@@ -252,17 +252,12 @@ def test_unsupported_option_is_rejected_by_name(argv, name):
         parse_args(argv)
 
 
-def test_hub_options_say_hub_upload_is_not_implemented():
-    with pytest.raises(ArgsError, match="Hub upload is not implemented yet"):
-        parse_args(["--save_state_to_huggingface"])
-
-
 def test_several_unsupported_options_are_reported_together():
     with pytest.raises(ArgsError) as error:
-        parse_args(["--fp8_base", "--huggingface_repo_id", "x", "--deepspeed"])
+        parse_args(["--fp8_base", "--in_json", "x", "--deepspeed"])
     lines = str(error.value).splitlines()
     assert len(lines) == 3
-    assert {line.split()[0] for line in lines} == {"--fp8_base", "--huggingface_repo_id", "--deepspeed"}
+    assert {line.split()[0] for line in lines} == {"--fp8_base", "--in_json", "--deepspeed"}
 
 
 def test_unsupported_option_in_toml_is_rejected_but_off_values_are_fine(tmp_path):

@@ -311,7 +311,7 @@ def test_bad_files_and_paths(adapters, tmp_path):
         export_lora(tmp_path / "missing.safetensors", models, tmp_path / "x.safetensors")
     with pytest.raises(ExportError, match="as .safetensors"):
         export_lora(adapter["native"], models, tmp_path / "x.ckpt")
-    with pytest.raises(ExportError, match="is the native file itself"):
+    with pytest.raises(ExportError, match="is the adapter file itself"):
         export_lora(adapter["native"], models, adapter["native"])
     with pytest.raises(ExportError, match="single-file checkpoint .* or as a diffusers folder"):
         export_merged([(adapter["native"], 1.0)], models, tmp_path / "x.pt")
@@ -326,7 +326,8 @@ def test_bad_files_and_paths(adapters, tmp_path):
 
 def export_options(adapters, out, **overrides):
     options = {"adapters": [str(a) for a in adapters], "model": "builtin:tiny-sd1", "out": str(out), "to": "lora",
-               "precision": None, "multiplier": None, "force": False, "v2": False, "v_parameterization": False}
+               "precision": None, "multiplier": None, "force": False, "v2": False, "v_parameterization": False,
+               "rank": None}
     return argparse.Namespace(**{**options, **overrides})
 
 

@@ -256,6 +256,26 @@ def test_two_para_files_apply_sequentially(webui_env, installed, sd1, tmp_path):
         assert rel_error(applied[name], additive) > 1e-3
 
 
+def test_merged_and_para_lora_files_load_as_their_chain(webui_env, installed, sd1, tmp_path):
+    """A `para-trainer merge` result (stage keys, strengths, a LoRA stage) gives the chain's ΔW on every layer."""
+    from para_trainer.merge import merge
+
+    import_script(installed / SCRIPT)
+    first = para_file(sd1, tmp_path / "1.safetensors", seed=5)
+    para_file(sd1, tmp_path / "2.safetensors", seed=6)
+    merge([(str(tmp_path / "1.safetensors"), 1.0), (str(tmp_path / "2.safetensors"), 0.5)], tmp_path / "m.safetensors")
+    state = load_file(tmp_path / "m.safetensors")
+    layers = {name: layer for name, (layer, _) in first.items()}
+    net = webui_env.load_network("m", state, layers, 0.8, 0.8)
+    assert set(net.modules) == set(first)
+    for name, layer in layers.items():
+        w0 = layer.weight.detach()
+        stages = para.stages_from_file({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(name + ".")},
+                                       name)
+        expected = para.chain_delta_weight(w0.double(), stages, 0.8)
+        assert rel_error(net.modules[name].calc_updown(w0)[0], expected) <= 1e-5, name
+
+
 def test_without_the_extension_the_file_is_rejected(webui_env, sd1, tmp_path):
     adapters = para_file(sd1, tmp_path / "a.safetensors", seed=1)
     layers = {name: layer for name, (layer, _) in adapters.items()}

@@ -2,6 +2,8 @@
 
 A native PaRa file (written by para-trainer / networks.para) holds one `<module>.para_q` tensor (d_out, r) per
 adapted layer: an orthonormal basis Q of the output directions the adapter removes, W = W0 - m·Q Qᵀ W0.
+Merged files and PaRa + LoRA files hold a chain of stages per layer (`stageN.para_q`, `stageN.lora_up/down`,
+`stageN.strength`, applied in order); they load the same way.
 This script adds a `para` module type to the Lora extension's `networks.module_types`, so `<lora:NAME:m>`
 loads such files like any other network.
 
@@ -60,9 +62,15 @@ def _find_core_directory() -> str:
 
 
 _core = _load_core_from(_find_core_directory())
-para_delta_weight = _core.para_delta_weight
+chain_delta_weight = _core.chain_delta_weight
+stages_from_file = _core.stages_from_file
 orthonormal_basis = _core.orthonormal_basis
+Reduction = _core.Reduction
 Q_KEY = _core.Q_KEY
+
+
+def is_para_module(keys) -> bool:
+    return any(key == Q_KEY or key.startswith("stage") for key in keys)
 
 
 def _import_lora_extension():
@@ -86,34 +94,38 @@ network, networks = _import_lora_extension()
 
 class ModuleTypePara(network.ModuleType):
     def create_module(self, net, weights):
-        if Q_KEY in weights.w:
+        if is_para_module(weights.w):
             return NetworkModulePara(net, weights)
         return None
 
 
 class NetworkModulePara(network.NetworkModule):
-    """ΔW = -Q(QᵀW) on the weight handed in; finalize_updown applies the multiplier (no alpha: dim stays None)."""
+    """ΔW of the layer's chain (plain PaRa: -Q(QᵀW)) on the weight handed in; finalize_updown applies the
+    multiplier (no alpha: dim stays None)."""
 
     def __init__(self, net, weights):
         super().__init__(net, weights)
-        q = weights.w[Q_KEY]
-        if q.dim() != 2 or q.shape[1] >= q.shape[0]:
-            raise ValueError(f"sd-webui-para: {weights.network_key}.{Q_KEY} has shape {tuple(q.shape)}; "
-                             "a PaRa basis is (d_out, r) with r < d_out")
-        if q.dtype in (torch.float32, torch.float64):
-            self.q = q
-        else:
-            # fp16/bf16 files: rounding leaves Q slightly off orthonormal; QR makes it a projection again.
-            self.q, _ = orthonormal_basis(q.float())
+        stages = stages_from_file(weights.w, f"sd-webui-para: {weights.network_key}")
+        self.stages = []
+        for stage in stages:
+            if isinstance(stage, Reduction):
+                q = stage.q
+                if q.dim() != 2 or q.shape[1] >= q.shape[0]:
+                    raise ValueError(f"sd-webui-para: {weights.network_key} has Q of shape {tuple(q.shape)}; "
+                                     "a PaRa basis is (d_out, r) with r < d_out")
+                if q.dtype not in (torch.float32, torch.float64):
+                    # fp16/bf16 files: rounding leaves Q slightly off orthonormal; QR makes it a projection again.
+                    stage = Reduction(orthonormal_basis(q.float())[0], stage.strength)
+            self.stages.append(stage)
 
     def calc_updown(self, orig_weight):
         out_features = orig_weight.shape[0]
-        if self.q.shape[0] != out_features:
-            raise ValueError(f"sd-webui-para: {self.network_key} has Q for {self.q.shape[0]} outputs but the "
+        widths = {s.q.shape[0] if isinstance(s, Reduction) else s.up.shape[0] for s in self.stages}
+        if widths != {out_features}:
+            raise ValueError(f"sd-webui-para: {self.network_key} has factors for {sorted(widths)} outputs but the "
                              f"layer has {out_features}; the file was made for another model")
-        q = self.q.to(orig_weight.device, torch.float32)
         w = orig_weight.float().reshape(out_features, -1)
-        updown = para_delta_weight(w, q, 1.0)  # the WebUI's multiplier comes in finalize_updown
+        updown = chain_delta_weight(w, self.stages)  # the WebUI's multiplier comes in finalize_updown
         return self.finalize_updown(updown, orig_weight, orig_weight.shape)
 
 
