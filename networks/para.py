@@ -4,8 +4,9 @@ Per adapted layer PaRa learns B (d_out x r), takes Q from QR(B) and uses W = W0 
 directions from the layer's output space. Use it as `--network_module=networks.para` here or in sd-scripts.
 
 The math lives in the functional core below (`orthonormal_basis`, `para_coefficients`, `para_expand`,
-`para_delta_weight`, `para_lora_factors`); the training forward, merging, export, the WebUI extension and the
-benchmark call it.
+`para_delta_weight`, `para_lora_factors`, and for training `gram_bases`, `gram_coefficients`, `gram_expand`:
+the same Q without running QR); the training forward, merging, export, the WebUI extension and the benchmark
+call it.
 
 Native file format (one entry per adapted layer, sd-scripts key names):
     <lora_name>.para_q   float (d_out, r)   Q, the orthonormal basis of the removed directions
@@ -68,68 +69,103 @@ RANK_LOSS_THRESHOLD = 1e-5
 # Functional core
 
 
-class _GramQR(torch.autograd.Function):
-    """B = QR through the Cholesky factor of BᵀB (computed in float64), with QR's exact backward for Q.
-
-    Three BLAS-3 products of d·r² instead of LAPACK's Householder QR, which on a CPU took 5-10x longer forward
-    and backward (issue 8). In float64 the Gram matrix squares cond(B) harmlessly: Q is orthonormal to float32
-    precision for cond(B) up to ~1e6; `orthonormal_basis` falls back to Householder before that.
-    """
-
-    @staticmethod
-    def forward(ctx, b):
-        wide = b.to(torch.float64)
-        lower, info = torch.linalg.cholesky_ex(wide.mT @ wide)
-        # LAPACK hands Q back column-major; row-major Q makes the projection's matmuls (and so its rounding)
-        # the same whether Q comes from here or from a file.
-        q = torch.linalg.solve_triangular(lower.mT, wide, upper=True, left=False).to(
-            b.dtype, memory_format=torch.contiguous_format)
-        r = lower.mT.to(b.dtype)
-        ctx.save_for_backward(q, r)
-        ctx.mark_non_differentiable(r, info)
-        return q, r, info
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_q, grad_r, grad_info):
-        # QR's backward with no gradient on R (as torch's linalg_qr_backward): (gQ - Q copyltu(gQᵀQ)) R⁻ᵀ.
-        q, r = ctx.saved_tensors
-        m = grad_q.mT @ q
-        m = m.tril() + m.tril(-1).mT
-        return torch.linalg.solve_triangular(r.mT, grad_q - q @ m, upper=False, left=False)
-
-
 def orthonormal_basis(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q of QR(B) in float32 or better (also under fp16/bf16 autocast), and min|R_ii| / max|R_ii| per matrix.
 
-    Works on one B (d, r) or a batch (k, d, r). The ratio tells how close B is to losing rank. Q has R's
-    diagonal positive (LAPACK's signs may differ; QQᵀ, all PaRa uses, is the same).
+    Works on one B (d, r) or a batch (k, d, r). The ratio tells how close B is to losing rank.
     """
     with torch.autocast(device_type=b.device.type, enabled=False):
-        b = b.to(torch.promote_types(b.dtype, torch.float32))
-        q, r, info = _GramQR.apply(b)
-        diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
-        ratio = diagonal.amin(-1) / diagonal.amax(-1).clamp_min(torch.finfo(q.dtype).tiny)
-        # One host check per batch: a (nearly) rank-deficient or non-finite B goes through Householder QR,
-        # which stays accurate where BᵀB does not (and lets the rank check report it).
-        if not bool(((info == 0) & (ratio >= 1e-4)).all()):
-            q, r = torch.linalg.qr(b, mode="reduced")
-            diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
-            ratio = diagonal.amin(-1) / diagonal.amax(-1).clamp_min(torch.finfo(q.dtype).tiny)
-    return q.contiguous(), ratio  # row-major, as _GramQR's (LAPACK's is column-major)
+        q, r = torch.linalg.qr(b.to(torch.promote_types(b.dtype, torch.float32)), mode="reduced")
+    # LAPACK hands Q back column-major; row-major Q makes the projection's matmuls (and so its rounding) the
+    # same whether Q comes from QR or from a file.
+    return q.contiguous(), _diagonal_ratio(r)
+
+
+def _diagonal_ratio(triangular: torch.Tensor) -> torch.Tensor:
+    diagonal = triangular.diagonal(dim1=-2, dim2=-1).abs()
+    return diagonal.amin(-1) / diagonal.amax(-1).clamp_min(torch.finfo(triangular.dtype).tiny)
+
+
+# Training does not form Q. With BᵀB = L Lᵀ (Cholesky), Q = B L⁻ᵀ is exactly QR's Q (R = Lᵀ), so
+# Qᵀh = L⁻¹ Bᵀh and Q c = B L⁻ᵀ c: the layer needs only B and the r x r factor L. The Gram product and its
+# backward are two BLAS-3 products, 2-3x faster on a CPU than Householder QR and its backward, which were most
+# of PaRa's cost at small batches (issue 8's bench). The r x r solves on the activations are cheap while a layer
+# sees fewer rows than it has outputs; beyond that the layer forms Q = B L⁻ᵀ once.
+# BᵀB squares cond(B), so this runs only while cond(B) is small: measured in float32 on (320..10240) x (32, 128),
+# the projection's error stayed within 2x of Householder's (about 1e-6) up to cond(B) = 10.
+GRAM_MIN_RATIO = 0.1  # min|R_ii| / max|R_ii| below this: Householder QR
+
+
+@dataclass(frozen=True)
+class GramBasis:
+    """Q = B L⁻ᵀ kept implicit: B (d, r) and the lower Cholesky factor L (r, r) of BᵀB."""
+
+    b: torch.Tensor
+    lower: torch.Tensor
+
+
+class _StackedGram(torch.autograd.Function):
+    """[BᵢᵀBᵢ] of same-shape B's as one batched product. The stacked copy of the B's is not kept for backward
+    (it is rebuilt there), and the backward Bᵢ(Gᵢ + Gᵢᵀ) is one product (autograd's own takes two, then adds)."""
+
+    @staticmethod
+    def forward(ctx, *bs):
+        ctx.save_for_backward(*bs)
+        stacked = torch.stack(bs)
+        return stacked.mT @ stacked
+
+    @staticmethod
+    def backward(ctx, grad):
+        stacked = torch.stack(ctx.saved_tensors)
+        return tuple((stacked @ (grad + grad.mT)).unbind(0))
+
+
+def gram_bases(bs: list[torch.Tensor]) -> tuple[list[GramBasis] | None, torch.Tensor]:
+    """For B's of one shape (d, r), float32 or better: one GramBasis each (B and the Cholesky factor of BᵀB, from
+    one batched product and Cholesky) — None when some B is too ill-conditioned for it, the caller then uses
+    `orthonormal_basis` — and min|R_ii| / max|R_ii| per B, as `orthonormal_basis` gives.
+    """
+    with torch.autocast(device_type=bs[0].device.type, enabled=False):
+        bs = [b.to(torch.promote_types(b.dtype, torch.float32)) for b in bs]
+        lower, info = torch.linalg.cholesky_ex(_StackedGram.apply(*bs))
+        ratio = _diagonal_ratio(lower)
+        if not bool(((info == 0) & (ratio >= GRAM_MIN_RATIO)).all()):  # one host sync per shape group
+            return None, ratio
+    return [GramBasis(b, lower_i) for b, lower_i in zip(bs, lower.unbind(0))], ratio
+
+
+def _solve_rows(c: torch.Tensor, lower: torch.Tensor, conv: bool, transposed: bool) -> torch.Tensor:
+    """c L⁻ᵀ (transposed) or c L⁻¹ on every row of r coefficients (channels for a conv), in L's precision."""
+    rows = (c.movedim(1, -1) if conv else c).to(lower.dtype)
+    shape = rows.shape
+    matrix = lower.mT if transposed else lower
+    solved = torch.linalg.solve_triangular(matrix, rows.reshape(-1, shape[-1]), upper=transposed, left=False)
+    solved = solved.reshape(shape).to(c.dtype)
+    return solved.movedim(-1, 1) if conv else solved
+
+
+def gram_coefficients(h: torch.Tensor, basis: GramBasis, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
+    """Qᵀ(h - bias) as L⁻¹ Bᵀ(h - bias): the same numbers as `para_coefficients` with Q = B L⁻ᵀ."""
+    return _solve_rows(para_coefficients(h, basis.b, bias, conv), basis.lower, conv, transposed=True)
+
+
+def gram_expand(c: torch.Tensor, basis: GramBasis, conv: bool) -> torch.Tensor:
+    """Q c as B (L⁻ᵀ c): `para_expand` with Q = B L⁻ᵀ."""
+    return para_expand(_solve_rows(c, basis.lower, conv, transposed=False), basis.b, conv)
+
+
+def gram_q(basis: GramBasis) -> torch.Tensor:
+    """Q = B L⁻ᵀ, formed (d·r² work, differentiable)."""
+    return torch.linalg.solve_triangular(basis.lower.mT, basis.b, upper=True, left=False)
 
 
 def para_coefficients(h: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
     """Qᵀ(h - bias) along the output/channel dimension: the part of the bias-free output PaRa removes."""
     q = q.to(h.dtype)
+    shift = None if bias is None else -(bias.to(q.dtype) @ q)  # -Qᵀb rides along as the matmul's bias
     if conv:
-        c = F.conv2d(h, q.t()[:, :, None, None])
-    else:
-        c = F.linear(h, q.t())
-    if bias is not None:
-        qb = bias.to(q.dtype) @ q
-        c = c - (qb.view(-1, 1, 1) if conv else qb)
-    return c
+        return F.conv2d(h, q.t()[:, :, None, None], shift)
+    return F.linear(h, q.t(), shift)
 
 
 def para_expand(c: torch.Tensor, q: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -344,8 +380,9 @@ class ParaModule(AdapterModule):
             self.register_parameter("lora_down", None)
             self.register_parameter("lora_up", None)
 
-    # Q for this forward pass: set by the network once per model call (one batched QR per shape), else here.
-    def basis(self) -> torch.Tensor:
+    # Q for this forward pass (a GramBasis while training): set by the network once per model call, batched
+    # by shape, else a QR here.
+    def basis(self) -> torch.Tensor | GramBasis:
         b = self.para_b
         grad = torch.is_grad_enabled() and b.requires_grad
         cache = self._basis_cache
@@ -357,13 +394,16 @@ class ParaModule(AdapterModule):
         self.conditioning = self.conditioning.detach()
         return q
 
-    def set_basis(self, q: torch.Tensor, conditioning: torch.Tensor) -> None:
+    def set_basis(self, q: torch.Tensor | GramBasis, conditioning: torch.Tensor) -> None:
         self._basis_cache = (q, self.para_b._version, torch.is_grad_enabled() and self.para_b.requires_grad)
         self.conditioning = conditioning.detach()
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q = self.basis()
-        c = para_coefficients(out, q, self.layer.bias, self.is_conv)
+        if isinstance(q, GramBasis) and out.numel() >= self.out_features ** 2:
+            q = gram_q(q)  # at least as many rows as outputs: forming Q costs less than solving every row
+        gram = isinstance(q, GramBasis)
+        c = (gram_coefficients if gram else para_coefficients)(out, q, self.layer.bias, self.is_conv)
         if self.training:
             if self.dropout:
                 c = F.dropout(c, p=self.dropout)
@@ -372,7 +412,8 @@ class ParaModule(AdapterModule):
                 shape = (c.shape[0], self.rank, 1, 1) if self.is_conv else (c.shape[0],) + (1,) * (c.dim() - 2) + (
                     self.rank,)
                 c = c * keep.view(shape) / (1 - self.rank_dropout)
-        out = out - (self.multiplier * self.para_scale) * para_expand(c, q, self.is_conv)
+        removed = (gram_expand if gram else para_expand)(c, q, self.is_conv)
+        out = torch.sub(out, removed, alpha=self.multiplier * self.para_scale)  # one pass over the output, not two
         if self.lora_rank:
             out = out + (self.multiplier * self.lora_scale) * lora_output(x, self.lora_up, self.lora_down, self.layer)
         return out
@@ -573,19 +614,27 @@ class ParaNetwork(AdapterNetwork):
 
 
 def refresh_bases(modules: list[ParaModule]) -> None:
-    """One batched QR for all B's of the same shape; each module keeps its Q for this forward pass."""
+    """One batched factorization for all B's of the same shape; each module keeps its basis for this pass.
+
+    Training gets GramBases (B and Cholesky factors, see `gram_bases`), anything else Householder Q.
+    """
     groups: dict[tuple, list[ParaModule]] = {}
     for module in modules:
         b = module.para_b
         groups.setdefault((tuple(b.shape), b.device, b.dtype), []).append(module)
     for group in groups.values():
-        if not (torch.is_grad_enabled() and group[0].para_b.requires_grad):
+        training = torch.is_grad_enabled() and group[0].para_b.requires_grad
+        if not training:
             group = [m for m in group if m._b_is_orthonormal_at != m.para_b._version]
             if not group:
                 continue
-        q, conditioning = orthonormal_basis(torch.stack([m.para_b for m in group]))
-        for module, module_q, module_conditioning in zip(group, q.unbind(0), conditioning.unbind(0)):
-            module.set_basis(module_q, module_conditioning)
+        bs = [m.para_b for m in group]
+        bases, conditioning = gram_bases(bs) if training else (None, None)
+        if bases is None:
+            q, conditioning = orthonormal_basis(torch.stack(bs))
+            bases = q.unbind(0)
+        for module, basis, module_conditioning in zip(group, bases, conditioning.unbind(0)):
+            module.set_basis(basis, module_conditioning)
 
 
 # --------------------------------------------------------------------------------------------------

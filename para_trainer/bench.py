@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from networks.adapter_base import PRESETS, AdapterModule, AdapterNetwork, select_target_layers
 
@@ -79,12 +80,18 @@ class Result:
     file_bytes: int | None = None
     step_seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
+    floor_ratios: list[float] = field(default_factory=list)  # per round: median step / the floor steps around it
     peak_memory_bytes: int | None = None
+    gflop: float | None = None  # matmul/conv work of one step (torch's FlopCounterMode): noise-free
     note: str = ""
 
     @property
     def step(self) -> float | None:
         return statistics.median(self.step_seconds) if self.step_seconds else None
+
+    @property
+    def vs_floor(self) -> float | None:
+        return statistics.median(self.floor_ratios) if self.floor_ratios else None
 
 
 @dataclass
@@ -320,6 +327,17 @@ class PeakMemory:
         libc = cls._libc()
         return bool(libc and libc.mallopt(-3, 64 * 1024))
 
+    @classmethod
+    def use_keeping_malloc(cls) -> bool:
+        """glibc keeps freed memory for reuse (what CUDA's caching allocator does) for the rest of this process.
+
+        By default it gave large blocks back and every step paid ~150,000 page faults on this benchmark's UNet
+        (a quarter of the floor's step on a 2-core VM, and its largest source of noise), for every method alike.
+        """
+        libc = cls._libc()
+        # M_MMAP_THRESHOLD (-3) at glibc's maximum (32 MiB), M_TRIM_THRESHOLD (-1) and M_TOP_PAD (-2) large.
+        return bool(libc and libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30) and libc.mallopt(-2, 256 << 20))
+
     def _rss(self) -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self._page
@@ -368,40 +386,66 @@ def optimizer_state_bytes(optimizer) -> int:
                for state in optimizer.state.values()) if optimizer else 0
 
 
-def training_step(unet, batch, attached: Attached | None, optimizer, autocast_dtype) -> None:
-    if attached:
-        attached.before_step()
-    inputs = {k: v for k, v in batch.items() if k != "target"}
-    with torch.autocast(batch["sample"].device.type, dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None):
-        prediction = unet(**inputs).sample
-    loss = F.mse_loss(prediction.float(), batch["target"].float())
-    loss.backward()  # also to the input latents, for every method: the floor's graph plus the adapter
-    if optimizer:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    batch["sample"].grad = None
+@dataclass
+class Setup:
+    """The UNet, the batch and the precision every method runs with."""
+
+    device: torch.device
+    precision: str
+    autocast_dtype: torch.dtype | None
+    unet: torch.nn.Module | None
+    unet_description: str
+    widths: list[tuple[int, int]]  # (d_in, d_out) of every targeted layer
+    batch: dict | None
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def make_setup(options) -> Setup:
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available; use --device cpu")
+    precision = options.precision or ("bf16" if device.type == "cuda" else "fp32")
+    weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    unet, description = build_unet(options, device, weight_dtype)
+    widths = [(m.in_features, m.out_features) for m in target_layers(unet).values()]
+    narrowest = min(d_out for _, d_out in widths)
+    if any(m in options.methods for m in ("para", "peft-para")) and not all(0 < r < narrowest for r in options.ranks):
+        raise BenchError(f"--ranks {max(options.ranks)}: PaRa needs 0 < r < {narrowest}, the outputs of the "
+                         "narrowest targeted layer")
+    batch = make_batch(unet, options.batch_size, options.latent_size, device)
+    return Setup(device, precision, None if precision == "fp32" else weight_dtype, unet, description, widths, batch)
 
 
-class _Session:
-    """One method at one rank attached to the UNet, with its optimizer; detached on exit."""
+class Session:
+    """One method at one rank on the setup's UNet, with its AdamW; the adapter comes off on exit."""
 
-    def __init__(self, unet, method, rank, device):
-        self.unet, self.method, self.rank, self.device = unet, method, rank, device
+    def __init__(self, setup: Setup, method: str, rank: int | None):
+        self.setup, self.method, self.rank = setup, method, rank
 
     def __enter__(self):
-        self.attached = ATTACH[self.method](self.unet, self.rank, self.device) if self.method != "floor" else None
+        self.attached = (ATTACH[self.method](self.setup.unet, self.rank, self.setup.device)
+                         if self.method != "floor" else None)
         params = self.attached.params if self.attached else []
         self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         return self
 
-    def step(self, autocast_dtype):
-        training_step(self.unet, self.batch, self.attached, self.optimizer, autocast_dtype)
+    def step(self) -> None:
+        setup = self.setup
+        if self.attached:
+            self.attached.before_step()
+        inputs = {k: v for k, v in setup.batch.items() if k != "target"}
+        with torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32,
+                            enabled=setup.autocast_dtype is not None):
+            prediction = setup.unet(**inputs).sample
+        # Backward also to the input latents, for every method: the floor's graph plus the adapter.
+        F.mse_loss(prediction.float(), setup.batch["target"].float()).backward()
+        if self.optimizer:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        setup.batch["sample"].grad = None
+
+    def sync(self) -> None:
+        if self.setup.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def __exit__(self, *exc):
         if self.attached:
@@ -410,66 +454,74 @@ class _Session:
         gc.collect()
 
 
-def time_steps(unet, batch, method, rank, device, autocast_dtype, warmup, steps, result: Result) -> None:
+def time_steps(setup: Setup, config, warmup: int, steps: int, result: Result) -> list[float]:
     """Attach, warm up, time `steps` training steps (wall clock and this process's CPU time), detach."""
-    with _Session(unet, method, rank, device) as session:
-        session.batch = batch
+    seconds = []
+    with Session(setup, *config) as session:
         for _ in range(warmup):
-            session.step(autocast_dtype)
+            session.step()
         for _ in range(steps):
-            _sync(device)
+            session.sync()
             start, cpu_start = time.perf_counter(), time.process_time()
-            session.step(autocast_dtype)
-            _sync(device)
-            result.step_seconds.append(time.perf_counter() - start)
+            session.step()
+            session.sync()
+            seconds.append(time.perf_counter() - start)
             result.cpu_seconds.append(time.process_time() - cpu_start)
+    result.step_seconds += seconds
+    return seconds
 
 
-def count_and_save(unet, batch, method, rank, device, autocast_dtype, result: Result, files_dir: str) -> None:
-    """Attach, one step, then a measured step (peak memory), parameter count and the saved file."""
-    with _Session(unet, method, rank, device) as session:
-        session.batch = batch
+def time_rounds(setup: Setup, configs: list, options, results: dict, log) -> None:
+    """Every round times each config once, with one floor step before and after it (shared by neighbours).
+
+    A shared machine changes speed by 20% within minutes; a ratio to the floor steps taken seconds before and
+    after a method cancels that drift, where medians of raw times do not.
+    """
+    floor = results.get(("floor", None)) or Result("floor", None)
+    timed = [c for c in configs if c != ("floor", None)]
+
+    def floor_step() -> float:
+        return time_steps(setup, ("floor", None), 0, 1, floor)[0]
+
+    time_steps(setup, ("floor", None), 0, 1, Result("floor", None))  # warm-up
+    for round_index in range(options.rounds):
+        before = floor_step()
+        for config in timed if round_index % 2 == 0 else timed[::-1]:  # alternate: nobody always goes first
+            if results[config].note:
+                continue
+            if log:
+                log(f"timing, round {round_index + 1}/{options.rounds}: {_describe(config)}")
+            try:
+                seconds = time_steps(setup, config, options.warmup, options.steps, results[config])
+            except ImportError as error:
+                results[config].note = f"skipped: {error}"
+                continue
+            after = floor_step()
+            results[config].floor_ratios.append(statistics.median(seconds) / ((before + after) / 2))
+            before = after
+        floor.floor_ratios.append(1.0)
+
+
+def count_and_save(setup: Setup, config, result: Result, files_dir: str) -> None:
+    """Attach, one step, then a measured step (peak memory), the parameter count and the saved file."""
+    with Session(setup, *config) as session:
         attached = session.attached
-        result.layers = attached.layers if attached else len(target_layers(unet))
+        result.layers = attached.layers if attached else len(setup.widths)
         result.trainable_params = sum(p.numel() for p in attached.params) if attached else 0
-        session.step(autocast_dtype)  # gradients and optimizer state exist from here on, as in training
-        memory = PeakMemory(device)
+        session.step()  # gradients and optimizer state exist from here on, as in training
+        with FlopCounterMode(display=False) as flops:
+            session.step()
+        result.gflop = flops.get_total_flops() / 1e9
+        memory = PeakMemory(setup.device)
         if memory.supported:
             with memory:
-                session.step(autocast_dtype)
+                session.step()
             persistent = tensor_bytes(attached.params) + optimizer_state_bytes(session.optimizer) if attached else 0
             result.peak_memory_bytes = memory.delta + persistent
         if attached:
-            folder = os.path.join(files_dir, f"{method}-r{rank}")
+            folder = os.path.join(files_dir, f"{config[0]}-r{config[1]}")
             os.makedirs(folder, exist_ok=True)
             result.file_bytes = os.path.getsize(attached.save(folder))
-
-
-@dataclass
-class _Setup:
-    device: torch.device
-    precision: str
-    autocast_dtype: torch.dtype | None
-    unet: torch.nn.Module
-    unet_description: str
-    layers: dict
-    batch: dict
-
-
-def _setup(options) -> _Setup:
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no CUDA device is available; use --device cpu")
-    precision = options.precision or ("bf16" if device.type == "cuda" else "fp32")
-    weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    unet, description = build_unet(options, device, weight_dtype)
-    layers = target_layers(unet)
-    narrowest = min(m.out_features for m in layers.values())
-    if any(m in options.methods for m in ("para", "peft-para")) and not all(0 < r < narrowest for r in options.ranks):
-        raise BenchError(f"--ranks {max(options.ranks)}: PaRa needs 0 < r < {narrowest}, the outputs of the "
-                         "narrowest targeted layer")
-    batch = make_batch(unet, options.batch_size, options.latent_size, device)
-    return _Setup(device, precision, None if precision == "fp32" else weight_dtype, unet, description, layers, batch)
 
 
 def _describe(config) -> str:
@@ -482,27 +534,28 @@ def _inspect_worker(option_values: dict, configs: list, files_dir: str, verbose:
         returning_malloc = PeakMemory.use_returning_malloc()  # before the UNet exists, so RSS follows the tensors
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
-        setup = _setup(argparse.Namespace(**option_values))
+        setup = make_setup(argparse.Namespace(**option_values))
         found = {}
         for config in configs:
             if verbose:
                 print(f"memory, parameters, file: {_describe(config)}", file=sys.stderr, flush=True)
             result = Result(*config)
-            count_and_save(setup.unet, setup.batch, *config, setup.device, setup.autocast_dtype, result, files_dir)
-            found[config] = (result.layers, result.trainable_params, result.file_bytes, result.peak_memory_bytes)
+            count_and_save(setup, config, result, files_dir)
+            found[config] = (result.layers, result.trainable_params, result.file_bytes, result.peak_memory_bytes,
+                             result.gflop)
         connection.send(("ok", found, returning_malloc))
-    except BaseException as error:  # the parent reports it; a child traceback alone would be lost in the output
+    except BaseException as error:  # the parent reports it; a child's traceback alone would get lost
         connection.send(("error", f"{type(error).__name__}: {error}", False))
     finally:
         connection.close()
 
 
 def inspect_configs(options, configs: list, results: dict, files_dir: str, verbose: bool) -> bool:
-    """Memory, parameters and files in one fresh child process with the same UNet and batch.
+    """Memory, parameters and files, measured in one fresh child process with the same UNet and batch.
 
-    RSS is only a clean measure in a process whose malloc returned freed blocks from the start; switching that
-    on in the timing process afterwards gave deltas that depended on what ran before. Returns whether glibc's
-    returning mode was on.
+    RSS is a clean measure only in a process whose malloc returned freed blocks from its start; switching that
+    on in the timing process afterwards gave deltas that depended on what had run before. Returns whether
+    glibc's returning mode was on.
     """
     import multiprocessing
 
@@ -520,10 +573,9 @@ def inspect_configs(options, configs: list, results: dict, files_dir: str, verbo
     child.join()
     if status != "ok":
         raise BenchError(f"measuring memory and files failed: {payload}")
-    for config, (layers, params, file_bytes, memory) in payload.items():
+    for config, values in payload.items():
         result = results[config]
-        result.layers, result.trainable_params, result.file_bytes, result.peak_memory_bytes = (
-            layers, params, file_bytes, memory)
+        result.layers, result.trainable_params, result.file_bytes, result.peak_memory_bytes, result.gflop = values
     return returning_malloc
 
 
@@ -532,75 +584,58 @@ def run_bench(options, log=None) -> dict:
 
     `log(message)` gets progress lines (None: silent).
     """
-    setup = _setup(options)
+    keeping_malloc = torch.device(options.device).type == "cpu" and PeakMemory.use_keeping_malloc()
+    setup = make_setup(options)
     configs = [(m, r) for m in options.methods for r in ([None] if m in RANKLESS else options.ranks)]
     results = {config: Result(*config) for config in configs}
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    for round_index in range(options.rounds):
-        order = configs if round_index % 2 == 0 else configs[::-1]  # alternate so no method always goes first
-        for config in order:
-            if results[config].note:
-                continue
-            if log:
-                log(f"timing, round {round_index + 1}/{options.rounds}: {_describe(config)}")
-            try:
-                time_steps(setup.unet, setup.batch, *config, setup.device, setup.autocast_dtype, options.warmup,
-                           options.steps, results[config])
-            except ImportError as error:
-                results[config].note = f"skipped: {error}"
+    load = [round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None]
+    time_rounds(setup, configs, options, results, log)
     profiles = profile_methods(options, setup, log) if options.profile else []
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    measured = [c for c in configs if not results[c].note]
-    del setup.unet, setup.batch  # the child builds its own; two copies of a big UNet need not coexist
+    load.append(round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+    setup.unet = setup.batch = None  # the child builds its own: two big UNets need not coexist
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="para-bench-") as temp:
-        returning_malloc = inspect_configs(options, measured, results, options.keep_files or temp, log is not None)
-    conditions_ = conditions(options, setup.device, setup.precision, setup.unet_description, setup.layers)
-    conditions_["load_average"] = [load_before, load_after]
+        returning_malloc = inspect_configs(options, [c for c in configs if not results[c].note], results,
+                                           options.keep_files or temp, log is not None)
+    conditions_ = conditions(options, setup)
+    conditions_["load_average"] = load
+    if keeping_malloc:
+        conditions_["timing_malloc"] = "glibc keeps freed memory (no page faults per step)"
     conditions_["memory"] = ("torch.cuda.max_memory_allocated" if setup.device.type == "cuda" else
                              "sampled RSS" + (", glibc returning freed blocks" if returning_malloc else "")
                              ) + ", measured in a second process with the same UNet and batch"
-    return {
-        "conditions": conditions_,
-        "results": [result_dict(results[c], results) for c in configs],
-        "checks": target_checks(results, setup.layers),
-        "profiles": profiles,
-    }
+    return {"conditions": conditions_, "results": [result_dict(results[c], results) for c in configs],
+            "checks": target_checks(results, setup.widths), "profiles": profiles}
 
 
 # --------------------------------------------------------------------------------------------------
 # Profiling: where the time goes, as self time per step above the floor
 
 
-def op_times(unet, batch, method, rank, device, autocast_dtype, steps: int) -> dict[str, float]:
+def op_times(setup: Setup, config, steps: int) -> dict[str, float]:
     """Self time per op and step (ms) under torch.profiler, after two untimed steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _Session(unet, method, rank, device) as session:
-        session.batch = batch
+    with Session(setup, *config) as session:
         for _ in range(2):
-            session.step(autocast_dtype)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            session.step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(steps):
-                session.step(autocast_dtype)
-            _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                session.step()
+            session.sync()
+    key = "self_device_time_total" if setup.device.type == "cuda" else "self_cpu_time_total"
     return {event.key: getattr(event, key) / 1e3 / steps for event in prof.key_averages()}
 
 
-def profile_methods(options, setup: _Setup, log) -> list[dict]:
-    def times(method, rank):
-        return op_times(setup.unet, setup.batch, method, rank, setup.device, setup.autocast_dtype,
-                        options.profile_steps)
-
-    floor = times("floor", None)
+def profile_methods(options, setup: Setup, log) -> list[dict]:
+    floor = op_times(setup, ("floor", None), options.profile_steps)
     profiles = []
     for method in options.profile:
         for rank in [None] if method in RANKLESS else options.ranks:
             if log:
                 log(f"profiling {_describe((method, rank))}")
-            measured = times(method, rank)
+            measured = op_times(setup, (method, rank), options.profile_steps)
             extra = {op: measured.get(op, 0.0) - floor.get(op, 0.0) for op in set(measured) | set(floor)}
             top = sorted(extra.items(), key=lambda item: -abs(item[1]))[:options.profile_top]
             profiles.append({"method": method, "rank": rank, "total_ms": sum(measured.values()),
@@ -615,17 +650,12 @@ def profile_methods(options, setup: _Setup, log) -> list[dict]:
 
 def result_dict(result: Result, results: dict) -> dict:
     lora = results.get(("peft-lora", result.rank))
-    floor = results.get(("floor", None))
-    step = result.step
-
-    def ratio(other):
-        return round(step / other.step, 3) if step and other and other.step else None
-
     data = asdict(result)
-    data.update(step_median_s=step, step_min_s=min(result.step_seconds) if result.step_seconds else None,
+    data.update(step_median_s=result.step, step_min_s=min(result.step_seconds) if result.step_seconds else None,
                 cpu_median_s=statistics.median(result.cpu_seconds) if result.cpu_seconds else None,
-                step_vs_peft_lora=ratio(lora) if result.rank else None,
-                step_vs_floor=ratio(floor),
+                step_vs_peft_lora=(round(result.vs_floor / lora.vs_floor, 3)
+                                   if result.rank and result.vs_floor and lora and lora.vs_floor else None),
+                step_vs_floor=round(result.vs_floor, 3) if result.vs_floor else None,
                 memory_vs_peft_lora=(round(result.peak_memory_bytes / lora.peak_memory_bytes, 3)
                                      if lora and lora.peak_memory_bytes and result.peak_memory_bytes is not None
                                      and result.rank else None),
@@ -634,47 +664,45 @@ def result_dict(result: Result, results: dict) -> dict:
     return data
 
 
-def conditions(options, device, precision, unet_description, layers) -> dict:
-    import diffusers
+def conditions(options, setup: Setup) -> dict:
+    from importlib import metadata
 
-    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
-    for package in ("peft", "lycoris"):
+    versions = {}
+    for package in ("torch", "diffusers", "peft", "lycoris-lora"):  # distribution names: lycoris has no __version__
         try:
-            versions[package] = __import__(package).__version__
-        except (ImportError, AttributeError):
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
             versions[package] = None
-    if device.type == "cuda":
-        machine = torch.cuda.get_device_name(device)
+    if setup.device.type == "cuda":
+        machine = torch.cuda.get_device_name(setup.device)
     else:
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
-    d_out = sum(m.out_features for m in layers.values())
-    d_in = sum(m.in_features for m in layers.values())
-    return {"date": date.today().isoformat(), "device": device.type, "machine": machine, "precision": precision,
-            "unet": unet_description, "latent_size": options.latent_size, "batch_size": options.batch_size,
-            "ranks": options.ranks, "warmup": options.warmup, "steps": options.steps, "rounds": options.rounds,
-            "targets": f"{len(layers)} layers: {TARGET_DESCRIPTION}", "sum_d_out": d_out, "sum_d_in": d_in,
+    return {"date": date.today().isoformat(), "device": setup.device.type, "machine": machine,
+            "precision": setup.precision, "unet": setup.unet_description, "latent_size": options.latent_size,
+            "batch_size": options.batch_size, "ranks": options.ranks, "warmup": options.warmup,
+            "steps": options.steps, "rounds": options.rounds,
+            "targets": f"{len(setup.widths)} layers: {TARGET_DESCRIPTION}",
+            "sum_d_out": sum(o for _, o in setup.widths), "sum_d_in": sum(i for i, _ in setup.widths),
             "optimizer": "torch.optim.AdamW(lr=1e-4), defaults", "versions": versions}
 
 
-def target_checks(results: dict, layers) -> list[dict]:
+def target_checks(results: dict, widths: list[tuple[int, int]]) -> list[dict]:
     """The issue's targets for our PaRa, where this run measured what they need."""
-    d_out = sum(m.out_features for m in layers.values())
-    d_in = sum(m.in_features for m in layers.values())
-    shape_ratio = d_out / (d_in + d_out)
-    floor = results.get(("floor", None))
+    shape_ratio = sum(o for _, o in widths) / sum(i + o for i, o in widths)
     checks = []
 
     def add(name, value, limit, ok):
         checks.append({"target": name, "value": round(value, 4), "limit": round(limit, 4), "met": bool(ok)})
 
     for (method, rank), para in results.items():
-        if method != "para" or not para.step:
+        if method != "para" or not para.vs_floor:
             continue
         lora, deft = results.get(("peft-lora", rank)), results.get(("peft-para", rank))
-        if lora and lora.step:
+        if lora and lora.vs_floor:
             for at, limit in ((32, 0.9), (128, 0.75)):
                 if rank == at:
-                    add(f"step time / peft LoRA at r={rank}", para.step / lora.step, limit, para.step <= limit * lora.step)
+                    value = para.vs_floor / lora.vs_floor
+                    add(f"step time / peft LoRA at r={rank}", value, limit, value <= limit)
             if para.peak_memory_bytes is not None and lora.peak_memory_bytes:
                 add(f"peak memory / peft LoRA at r={rank}", para.peak_memory_bytes / lora.peak_memory_bytes, 1.0,
                     para.peak_memory_bytes <= lora.peak_memory_bytes)
@@ -682,10 +710,10 @@ def target_checks(results: dict, layers) -> list[dict]:
                 value = para.file_bytes / lora.file_bytes
                 add(f"file size / peft LoRA at r={rank} (shape ratio {shape_ratio:.4f} +-1%)", value,
                     shape_ratio * 1.01, abs(value / shape_ratio - 1) <= 0.01)
-        if deft and deft.step:
-            add(f"step time / peft PaRa at r={rank}", para.step / deft.step, 1.0, para.step <= deft.step)
-        if rank == 32 and floor and floor.step:
-            add("overhead over the floor at r=32", para.step / floor.step - 1, 0.15, para.step <= 1.15 * floor.step)
+        if deft and deft.vs_floor:
+            add(f"step time / peft PaRa at r={rank}", para.vs_floor / deft.vs_floor, 1.0, para.vs_floor <= deft.vs_floor)
+        if rank == 32:
+            add("overhead over the floor at r=32", para.vs_floor - 1, 0.15, para.vs_floor <= 1.15)
     return checks
 
 
@@ -705,11 +733,15 @@ def format_report(report: dict) -> str:
              f"UNet: {c['unet']}; latents {c['batch_size']}x{c['latent_size']}x{c['latent_size']}",
              f"targets: {c['targets']} (sum d_out {c['sum_d_out']}, sum d_in {c['sum_d_in']})",
              f"step = median (and min) of {c['rounds']} rounds x {c['steps']} steps after {c['warmup']} warm-up "
-             f"step(s), methods interleaved; load average {c['load_average'][0]} before, {c['load_average'][1]} after",
+             f"step(s), methods interleaved; load average {c['load_average'][0]} before, {c['load_average'][1]} after"
+             + (f"; {c['timing_malloc']}" if c.get("timing_malloc") else ""),
+             "x floor = median over rounds of a method's step / the floor steps just before and after it; "
+             "x LoRA = x floor / peft LoRA's x floor",
              f"memory = peak above the frozen model during a step ({c['memory']}), with the adapter's parameters "
-             "and optimizer state", ""]
-    header = ("method", "rank", "layers", "params", "file", "step ms", "min ms", "x LoRA", "x floor", "memory",
-              "mem x LoRA")
+             "and optimizer state; GFLOP = matmul/conv work of one step (FlopCounterMode; no QR/Cholesky solves)",
+             ""]
+    header = ("method", "rank", "layers", "params", "file", "step ms", "min ms", "x LoRA", "x floor", "GFLOP",
+              "memory", "mem x LoRA")
     rows = []
     for r in report["results"]:
         if r["note"]:
@@ -721,6 +753,7 @@ def format_report(report: dict) -> str:
                      f"{r['step_min_s'] * 1e3:.0f}" if r["step_min_s"] else "-",
                      f"{r['step_vs_peft_lora']:.2f}" if r["step_vs_peft_lora"] else "-",
                      f"{r['step_vs_floor']:.2f}" if r["step_vs_floor"] else "-",
+                     f"{r['gflop']:.3g}" if r["gflop"] is not None else "-",
                      _size(r["peak_memory_bytes"]),
                      f"{r['memory_vs_peft_lora']:.2f}" if r["memory_vs_peft_lora"] else "-"))
     widths = [max(len(row[i]) for row in [header] + [r for r in rows if len(r) == len(header)])
@@ -793,21 +826,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(options) -> int:
+    """`para-trainer bench` (options from `add_arguments`); errors are printed as one line, exit status 2."""
     if options.smoke:
         options.unet, options.latent_size, options.rounds, options.steps, options.warmup = "tiny", 8, 1, 2, 0
         if options.ranks == [4, 32, 128]:
             options.ranks = [2, 4]
-    for name in ("latent_size", "batch_size", "steps", "rounds"):
-        if getattr(options, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
-    if options.warmup < 0:
-        raise BenchError("--warmup must be 0 or more")
-    # The adapters' own creation logs (LyCORIS, KronA, PaRa: one block per attach) would drown the progress.
+    # The adapters' own creation logs (KronA, PaRa, peft: lines per attach) would drown the progress.
     quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        for name in ("latent_size", "batch_size", "steps", "rounds"):
+            if getattr(options, name) < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+        if options.warmup < 0:
+            raise BenchError("--warmup must be 0 or more")
         report = run_bench(options, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         for name, level in quiet.items():
             logging.getLogger(name).setLevel(level)

@@ -89,7 +89,10 @@ def test_one_row_per_method_and_rank_with_timings_and_memory(smoke):
         if key == ("lokr", RANK) or (key == ("krona", None) and row["note"]):
             continue  # (networks/krona.py not importable here: a skip note instead of numbers)
         assert row["note"] == ""
-        assert len(row["step_seconds"]) == 2 and all(t > 0 for t in row["step_seconds"])
+        assert all(t > 0 for t in row["step_seconds"]) and len(row["floor_ratios"]) == 1
+        # the floor: one step before the first method and one after each method timed
+        timed = sum(1 for k, r in table.items() if k != ("floor", None) and not r["note"])
+        assert len(row["step_seconds"]) == (1 + timed if key == ("floor", None) else 2)
         assert row["peak_memory_bytes"] > 0
         assert row["layers"] == len(transformer_layer_widths())
     assert table[("floor", None)]["step_vs_floor"] == 1.0
@@ -148,3 +151,29 @@ def test_unknown_method_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--methods", "para,dora"])
     assert "unknown dora" in capsys.readouterr().err
+
+
+def test_cli_prints_bad_options_as_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--smoke", "--methods", "para", "--ranks", "40"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --ranks 40: PaRa needs 0 < r < 32, the outputs of the "
+                                               "narrowest targeted layer")
+
+
+def test_flop_counts_grow_with_the_adapter(smoke):
+    report, _ = smoke
+    table = rows(report)
+    floor = table[("floor", None)]["gflop"]
+    assert floor > 0
+    for method in ("para", "peft-lora", "peft-para", "sd-lora", "locon"):
+        assert table[(method, RANK)]["gflop"] > floor
+    # the same LoRA math in peft and in the sd-scripts-style module: the same work
+    assert table[("peft-lora", RANK)]["gflop"] == pytest.approx(table[("sd-lora", RANK)]["gflop"], rel=1e-6)
+
+
+def test_cpu_timing_keeps_freed_memory_and_says_so(smoke):
+    report, _ = smoke
+    # glibc (this Linux): mallopt is there, so the timing process kept freed memory and the report names it
+    assert report["conditions"]["timing_malloc"] == "glibc keeps freed memory (no page faults per step)"
+    assert "glibc returning freed blocks" in report["conditions"]["memory"]  # the memory child: the other mode

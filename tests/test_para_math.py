@@ -25,6 +25,9 @@ class TinyUNet(nn.Module):
         super().__init__()
         self.block = block(layer)
 
+    def forward(self, x):  # through the root, so the network's once-per-call factorization runs as in training
+        return self.block.layer(x)
+
 
 LAYERS = {
     "linear": (lambda: nn.Linear(24, 40), Transformer2DModel, lambda: torch.randn(3, 7, 24)),
@@ -105,6 +108,72 @@ def test_projection_invariants_of_merged_weight():
     assert torch.linalg.matrix_rank(m).item() == rank
 
 
+# Training runs on B and the Cholesky factor of BᵀB instead of Householder Q: implicitly while a layer sees
+# fewer rows than it has outputs, with Q = B L⁻ᵀ formed otherwise, and Householder QR for an ill-conditioned B.
+TRAINING_INPUTS = {
+    "linear": {"implicit": (3, 7, 24), "formed": (3, 20, 24)},
+    "conv1x1": {"implicit": (1, 12, 2, 2), "formed": (2, 12, 5, 6)},
+    "conv3x3": {"implicit": (1, 12, 3, 3), "formed": (2, 12, 9, 8)},
+}
+
+
+def train_forward_and_gradient(kind, shape, spread):
+    unet, network, module, _ = build(kind, multiplier=0.6, dtype=torch.float64)
+    with torch.no_grad():
+        module.para_b.mul_(torch.logspace(0, -spread, module.rank, dtype=torch.float64))  # cond(B) ~ 10^spread
+    network.train()
+    x = torch.randn(shape, dtype=torch.float64)
+    out = unet(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+
+    b = module.para_b.detach().clone().requires_grad_(True)
+    q, _ = torch.linalg.qr(b)
+    w0 = module.layer.weight.reshape(module.layer.weight.shape[0], -1)
+    expected = reference_output(module.layer, x, (w0 - 0.6 * q @ (q.T @ w0)).reshape(module.layer.weight.shape))
+    (expected * weights).sum().backward()
+    return out, expected, module, b.grad
+
+
+@pytest.mark.parametrize("rows", ["implicit", "formed"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_training_forward_and_gradient_equal_householder_math(kind, rows, monkeypatch):
+    used = []
+    for name in ("gram_coefficients", "gram_q", "orthonormal_basis"):
+        monkeypatch.setattr(para, name, lambda *a, _f=getattr(para, name), _n=name: (used.append(_n), _f(*a))[1])
+    out, expected, module, expected_grad = train_forward_and_gradient(kind, TRAINING_INPUTS[kind][rows], spread=0.5)
+    assert used == (["gram_coefficients"] if rows == "implicit" else ["gram_q"])  # no QR in training
+    assert relative_error(out, expected) <= 1e-12
+    assert relative_error(module.para_b.grad, expected_grad) <= 1e-10
+    assert 0.15 < module.conditioning.item() < 0.6  # min|R_ii| / max|R_ii| of QR(B): about 10^-spread
+
+
+def test_one_batched_gram_gives_each_b_its_own_basis_and_gradient():
+    torch.manual_seed(4)
+    bs = [(torch.linalg.qr(torch.randn(30, 4, dtype=torch.float64))[0] + 0.1 * torch.randn(30, 4, dtype=torch.float64)
+           ).requires_grad_(True) for _ in range(3)]
+    weights = [torch.randn(30, 30, dtype=torch.float64) for _ in bs]
+    bases, ratio = para.gram_bases(bs)
+    loss = sum((para.gram_q(basis) @ para.gram_q(basis).T * w).sum() for basis, w in zip(bases, weights))
+    grads = torch.autograd.grad(loss, bs)
+    for b, w, grad, basis, conditioning in zip(bs, weights, grads, bases, ratio):
+        q, r = torch.linalg.qr(b)
+        expected = torch.autograd.grad((q @ q.T * w).sum(), b)[0]
+        assert relative_error(grad, expected) <= 1e-10
+        assert torch.allclose(para.gram_q(basis) @ para.gram_q(basis).T, q @ q.T, atol=1e-12)
+        diagonal = r.diagonal().abs()
+        assert conditioning.item() == pytest.approx((diagonal.min() / diagonal.max()).item(), rel=1e-10)
+
+
+def test_ill_conditioned_b_trains_through_householder_qr(monkeypatch):
+    used = []
+    monkeypatch.setattr(para, "orthonormal_basis", lambda b, _f=para.orthonormal_basis: (used.append(1), _f(b))[1])
+    out, expected, module, expected_grad = train_forward_and_gradient("linear", (3, 7, 24), spread=2)
+    assert used == [1] and module.conditioning.item() < para.GRAM_MIN_RATIO
+    assert relative_error(out, expected) <= 1e-12
+    assert relative_error(module.para_b.grad, expected_grad) <= 1e-8
+
+
 def test_batched_bases_equal_per_module_qr():
     torch.manual_seed(2)
     bs = [torch.randn(40, 4) for _ in range(3)]
@@ -129,7 +198,7 @@ def test_autocast_forward_and_backward_stay_finite(kind, dtype):
     unet, network, module, x = build(kind)
     network.train()
     with torch.autocast("cpu", dtype=dtype):
-        out = module.layer(x)
+        out = unet(x)  # training's factorization (GramBasis) through the root
     assert out.dtype == dtype
     out.float().square().mean().backward()
     assert torch.isfinite(out.float()).all()
