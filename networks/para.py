@@ -4,9 +4,9 @@ Per adapted layer PaRa learns B (d_out x r), takes Q from QR(B) and uses W = W0 
 directions from the layer's output space. Use it as `--network_module=networks.para` here or in sd-scripts.
 
 The math lives in the functional core below (`orthonormal_basis`, `para_coefficients`, `para_expand`,
-`para_delta_weight`, `para_lora_factors`, and for training `gram_bases`, `gram_coefficients`, `gram_expand`:
-the same Q without running QR); the training forward, merging, export, the WebUI extension and the benchmark
-call it.
+`para_remove`, `para_delta_weight`, `para_lora_factors`, and for training `gram_bases`, `gram_coefficients`,
+`gram_expand`: the same Q without running QR); the training forward, merging, export, the WebUI extension and
+the benchmark call it.
 
 Native file format (one entry per adapted layer, sd-scripts key names):
     <lora_name>.para_q   float (d_out, r)   Q, the orthonormal basis of the removed directions
@@ -152,6 +152,22 @@ def gram_coefficients(h: torch.Tensor, basis: GramBasis, bias: torch.Tensor | No
 def gram_expand(c: torch.Tensor, basis: GramBasis, conv: bool) -> torch.Tensor:
     """Q c as B (L⁻ᵀ c): `para_expand` with Q = B L⁻ᵀ."""
     return para_expand(_solve_rows(c, basis.lower, conv, transposed=False), basis.b, conv)
+
+
+def para_remove(h: torch.Tensor, c: torch.Tensor, basis: torch.Tensor | GramBasis, scale: float,
+                conv: bool) -> torch.Tensor:
+    """h - scale·Q c for coefficients c = Qᵀ(h - bias) (Q a tensor or a GramBasis).
+
+    For Linear layers the subtraction rides in the matmul (addmm): one pass over the output instead of three, and
+    no negation pass in the backward; thin products are memory-bound, so passes are what PaRa's time is (issue 8).
+    """
+    gram = isinstance(basis, GramBasis)
+    if conv:
+        return torch.sub(h, (gram_expand if gram else para_expand)(c, basis, conv), alpha=scale)
+    y = _solve_rows(c, basis.lower, conv, transposed=False) if gram else c
+    matrix = (basis.b if gram else basis).to(h.dtype)
+    flat = torch.addmm(h.reshape(-1, h.shape[-1]), y.reshape(-1, y.shape[-1]).to(h.dtype), matrix.t(), alpha=-scale)
+    return flat.view(h.shape)
 
 
 def gram_q(basis: GramBasis) -> torch.Tensor:
@@ -412,8 +428,7 @@ class ParaModule(AdapterModule):
                 shape = (c.shape[0], self.rank, 1, 1) if self.is_conv else (c.shape[0],) + (1,) * (c.dim() - 2) + (
                     self.rank,)
                 c = c * keep.view(shape) / (1 - self.rank_dropout)
-        removed = (gram_expand if gram else para_expand)(c, q, self.is_conv)
-        out = torch.sub(out, removed, alpha=self.multiplier * self.para_scale)  # one pass over the output, not two
+        out = para_remove(out, c, q, self.multiplier * self.para_scale, self.is_conv)
         if self.lora_rank:
             out = out + (self.multiplier * self.lora_scale) * lora_output(x, self.lora_up, self.lora_down, self.layer)
         return out
