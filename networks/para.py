@@ -302,7 +302,7 @@ def chain_output(x: torch.Tensor, out: torch.Tensor, stages, layer: nn.Module, m
     h = out
     for stage in stages:
         if isinstance(stage, Reduction):
-            h = h - stage.strength * para_expand(para_coefficients(h, stage.q, layer.bias, conv), stage.q, conv)
+            h = para_remove(h, para_coefficients(h, stage.q, layer.bias, conv), stage.q, stage.strength, conv)
         else:
             h = h + stage.strength * lora_output(x, stage.up, stage.down, layer)
     return h if multiplier == 1 else out + multiplier * (h - out)
