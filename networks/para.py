@@ -98,10 +98,11 @@ GRAM_MIN_RATIO = 0.1  # min|R_ii| / max|R_ii| below this: Householder QR
 
 @dataclass(frozen=True)
 class GramBasis:
-    """Q = B L⁻ᵀ kept implicit: B (d, r) and the lower Cholesky factor L (r, r) of BᵀB."""
+    """Q = B L⁻ᵀ kept implicit: B (d, r), the lower Cholesky factor L (r, r) of BᵀB and, detached, (BᵀB)⁻¹."""
 
     b: torch.Tensor
     lower: torch.Tensor
+    gram_inverse: torch.Tensor
 
 
 class _StackedGram(torch.autograd.Function):
@@ -131,7 +132,8 @@ def gram_bases(bs: list[torch.Tensor]) -> tuple[list[GramBasis] | None, torch.Te
         ratio = _diagonal_ratio(lower)
         if not bool(((info == 0) & (ratio >= GRAM_MIN_RATIO)).all()):  # one host sync per shape group
             return None, ratio
-    return [GramBasis(b, lower_i) for b, lower_i in zip(bs, lower.unbind(0))], ratio
+        inverse = torch.cholesky_inverse(lower.detach())
+    return [GramBasis(*parts) for parts in zip(bs, lower.unbind(0), inverse.unbind(0))], ratio
 
 
 def _solve_rows(c: torch.Tensor, lower: torch.Tensor, conv: bool, transposed: bool) -> torch.Tensor:
@@ -168,6 +170,60 @@ def para_remove(h: torch.Tensor, c: torch.Tensor, basis: torch.Tensor | GramBasi
     matrix = (basis.b if gram else basis).to(h.dtype)
     flat = torch.addmm(h.reshape(-1, h.shape[-1]), y.reshape(-1, y.shape[-1]).to(h.dtype), matrix.t(), alpha=-scale)
     return flat.view(h.shape)
+
+
+class _RemoveFromLinearOutput(torch.autograd.Function):
+    """o = h - s·P(h - b) on rows of d outputs, P = B G⁻¹ Bᵀ the projector onto B's columns (G = BᵀB).
+
+    Training's PaRa for Linear layers, with the whole gradient written out (through G too, so G⁻¹ comes in
+    detached). Autograd of the same lines keeps h for B's gradient, in every layer; this keeps the output o
+    instead, which the next operator mostly keeps anyway (attention its q/k/v, GEGLU its input). It also adds
+    h's two gradients inside one matmul and runs no r x r solve on the rows: G⁻¹ is one r x r matrix per
+    layer. Six thin matmuls in all, as autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx, h, b, gram_inverse, bias, scale):
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            rows = h.reshape(-1, h.shape[-1])
+            matrix = b.to(h.dtype)
+            shift = None if bias is None else -(bias.to(h.dtype) @ matrix)
+            coefficients = F.linear(rows, matrix.t(), shift).to(gram_inverse.dtype)  # U B, U = h - b
+            y = (coefficients @ gram_inverse).to(h.dtype)
+            out = torch.addmm(rows, y, matrix.t(), alpha=-scale)
+        ctx.save_for_backward(out, coefficients, y, b, gram_inverse, bias)
+        ctx.scale = scale
+        return out.view(h.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, coefficients, y, b, gram_inverse, bias = ctx.saved_tensors
+        scale = ctx.scale
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            rows = grad.reshape(-1, grad.shape[-1])
+            matrix = b.to(rows.dtype)
+            grad_coefficients = (rows @ matrix).to(gram_inverse.dtype)  # Γ B
+            z = grad_coefficients @ gram_inverse  # Γ B G⁻¹
+            grad_h = torch.addmm(rows, z.to(rows.dtype), matrix.t(), alpha=-scale).view(grad.shape) \
+                if ctx.needs_input_grad[0] else None
+            grad_b = None
+            if ctx.needs_input_grad[1]:
+                # dL/dB = -s (I - P) X with X = (UᵀΓ + ΓᵀU) B G⁻¹ = Uᵀz + Γᵀy, U = h - b = o + s·y Bᵀ - b.
+                # (I - P) B = 0 drops U's middle term; BᵀX = (ΓB)ᵀy + (1 - s)·(UB)ᵀz needs no pass over d.
+                x = torch.addmm(rows.t() @ y, out.t(), z.to(rows.dtype)).to(b.dtype)
+                if bias is not None:
+                    x = x - torch.outer(bias.to(b.dtype), z.sum(0).to(b.dtype))
+                projected = gram_inverse @ (grad_coefficients.t() @ y.to(gram_inverse.dtype)
+                                            + (1 - scale) * coefficients.t() @ z)  # G⁻¹ BᵀX
+                grad_b = torch.addmm(x, b, projected.to(b.dtype), alpha=-1).mul_(-scale)
+        return grad_h, grad_b, None, None, None
+
+
+def para_remove_from_linear(h: torch.Tensor, basis: GramBasis, bias: torch.Tensor | None,
+                            scale: float) -> torch.Tensor:
+    """h - scale·Q Qᵀ(h - bias) for a Linear layer's output while training (see `_RemoveFromLinearOutput`)."""
+    return _RemoveFromLinearOutput.apply(h, basis.b, basis.gram_inverse, bias, scale)
 
 
 def gram_q(basis: GramBasis) -> torch.Tensor:
@@ -416,6 +472,10 @@ class ParaModule(AdapterModule):
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q = self.basis()
+        dropped = self.training and (self.dropout or self.rank_dropout)  # those act on the coefficients
+        if isinstance(q, GramBasis) and not self.is_conv and not dropped:
+            out = para_remove_from_linear(out, q, self.layer.bias, self.multiplier * self.para_scale)
+            return self._add_lora(x, out)
         if isinstance(q, GramBasis) and out.numel() >= self.out_features ** 2:
             q = gram_q(q)  # at least as many rows as outputs: forming Q costs less than solving every row
         gram = isinstance(q, GramBasis)
@@ -428,7 +488,9 @@ class ParaModule(AdapterModule):
                 shape = (c.shape[0], self.rank, 1, 1) if self.is_conv else (c.shape[0],) + (1,) * (c.dim() - 2) + (
                     self.rank,)
                 c = c * keep.view(shape) / (1 - self.rank_dropout)
-        out = para_remove(out, c, q, self.multiplier * self.para_scale, self.is_conv)
+        return self._add_lora(x, para_remove(out, c, q, self.multiplier * self.para_scale, self.is_conv))
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.lora_rank:
             out = out + (self.multiplier * self.lora_scale) * lora_output(x, self.lora_up, self.lora_down, self.layer)
         return out
@@ -498,7 +560,8 @@ class ParaModule(AdapterModule):
     def health(self) -> torch.Tensor:
         """-1 when B is not finite, else min|R_ii| / max|R_ii| of the last QR (1 before any): no sync here."""
         conditioning = self.conditioning if self.conditioning is not None else torch.ones((), device=self.para_b.device)
-        return torch.where(torch.isfinite(self.para_b).all(), conditioning.to(self.para_b.device), -1.0)
+        largest = torch.linalg.vector_norm(self.para_b.detach(), float("inf"))  # inf/NaN if any entry is: one pass
+        return torch.where(torch.isfinite(largest), conditioning.to(self.para_b.device), -1.0)
 
     def health_problem(self, value: float) -> str | None:
         if value < 0:

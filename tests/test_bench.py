@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import struct
 
 import pytest
@@ -97,6 +98,9 @@ def test_one_row_per_method_and_rank_with_timings_and_memory(smoke):
         assert row["layers"] == len(transformer_layer_widths())
     assert table[("floor", None)]["step_vs_floor"] == 1.0
     assert table[("peft-lora", RANK)]["step_vs_peft_lora"] == 1.0
+    floor_cpu = statistics.median(table[("floor", None)]["cpu_seconds"])
+    para_cpu = statistics.median(table[("para", RANK)]["cpu_seconds"])
+    assert table[("para", RANK)]["cpu_vs_floor"] == round(para_cpu / floor_cpu, 3) != 1.0
     assert table[("floor", None)]["file_bytes"] is None and table[("floor", None)]["trainable_params"] == 0
 
 

@@ -50,7 +50,7 @@ def build(kind, rank=5, multiplier=1.0, dtype=torch.float32, seed=0):
 
 
 def reference_output(layer, x, w):
-    bias = layer.bias.to(w.dtype)
+    bias = None if layer.bias is None else layer.bias.to(w.dtype)
     if isinstance(layer, nn.Linear):
         return F.linear(x, w, bias)
     return F.conv2d(x, w, bias, layer.stride, layer.padding)
@@ -108,41 +108,50 @@ def test_projection_invariants_of_merged_weight():
     assert torch.linalg.matrix_rank(m).item() == rank
 
 
-# Training runs on B and the Cholesky factor of BᵀB instead of Householder Q: implicitly while a layer sees
-# fewer rows than it has outputs, with Q = B L⁻ᵀ formed otherwise, and Householder QR for an ill-conditioned B.
+# Training runs on B and the Cholesky factor of BᵀB instead of Householder Q: Linear layers through one function
+# with its gradient written out (any number of rows), convs implicitly while a layer sees fewer rows than it has
+# outputs and with Q = B L⁻ᵀ formed otherwise, and Householder QR for an ill-conditioned B.
 TRAINING_INPUTS = {
-    "linear": {"implicit": (3, 7, 24), "formed": (3, 20, 24)},
+    "linear": {"implicit": (3, 7, 24), "formed": (3, 20, 24)},  # "formed" only by row count: both run the function
     "conv1x1": {"implicit": (1, 12, 2, 2), "formed": (2, 12, 5, 6)},
     "conv3x3": {"implicit": (1, 12, 3, 3), "formed": (2, 12, 9, 8)},
 }
 
 
-def train_forward_and_gradient(kind, shape, spread):
+def train_forward_and_gradient(kind, shape, spread, bias=True):
     unet, network, module, _ = build(kind, multiplier=0.6, dtype=torch.float64)
+    if not bias:
+        module.layer.bias = None
     with torch.no_grad():
         module.para_b.mul_(torch.logspace(0, -spread, module.rank, dtype=torch.float64))  # cond(B) ~ 10^spread
     network.train()
     x = torch.randn(shape, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     out = unet(x)
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
 
     b = module.para_b.detach().clone().requires_grad_(True)
+    x_reference = x.detach().clone().requires_grad_(True)
     q, _ = torch.linalg.qr(b)
     w0 = module.layer.weight.reshape(module.layer.weight.shape[0], -1)
-    expected = reference_output(module.layer, x, (w0 - 0.6 * q @ (q.T @ w0)).reshape(module.layer.weight.shape))
+    expected = reference_output(module.layer, x_reference,
+                                (w0 - 0.6 * q @ (q.T @ w0)).reshape(module.layer.weight.shape))
     (expected * weights).sum().backward()
+    assert relative_error(x.grad, x_reference.grad) <= 1e-12  # the gradient that flows on to earlier layers
     return out, expected, module, b.grad
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", ["implicit", "formed"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_training_forward_and_gradient_equal_householder_math(kind, rows, monkeypatch):
+def test_training_forward_and_gradient_equal_householder_math(kind, rows, bias, monkeypatch):
     used = []
-    for name in ("gram_coefficients", "gram_q", "orthonormal_basis"):
+    for name in ("para_remove_from_linear", "gram_coefficients", "gram_q", "orthonormal_basis"):
         monkeypatch.setattr(para, name, lambda *a, _f=getattr(para, name), _n=name: (used.append(_n), _f(*a))[1])
-    out, expected, module, expected_grad = train_forward_and_gradient(kind, TRAINING_INPUTS[kind][rows], spread=0.5)
-    assert used == (["gram_coefficients"] if rows == "implicit" else ["gram_q"])  # no QR in training
+    out, expected, module, expected_grad = train_forward_and_gradient(kind, TRAINING_INPUTS[kind][rows], 0.5, bias)
+    path = "gram_coefficients" if rows == "implicit" else "gram_q"
+    assert used == (["para_remove_from_linear"] if kind == "linear" else [path])  # no QR in training
     assert relative_error(out, expected) <= 1e-12
     assert relative_error(module.para_b.grad, expected_grad) <= 1e-10
     assert 0.15 < module.conditioning.item() < 0.6  # min|R_ii| / max|R_ii| of QR(B): about 10^-spread
@@ -213,10 +222,12 @@ def test_rank_loss_is_detected_not_trained_on():
         module.layer(x)
     with pytest.raises(para.ParaRankLossError, match="lost rank"):
         network.on_step_start()
-    with torch.no_grad():
-        module.para_b.fill_(float("nan"))
-    with pytest.raises(para.ParaRankLossError, match="NaN"):
-        network.save_weights("/nonexistent/never-written.safetensors")
+    for value in (float("nan"), float("-inf")):  # one entry is enough
+        with torch.no_grad():
+            module.para_b.copy_(torch.linalg.qr(torch.randn_like(module.para_b))[0])
+            module.para_b[3, 2] = value
+        with pytest.raises(para.ParaRankLossError, match="NaN"):
+            network.save_weights("/nonexistent/never-written.safetensors")
 
 
 def test_dropouts_only_act_in_training():
