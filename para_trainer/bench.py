@@ -747,7 +747,8 @@ def format_report(report: dict) -> str:
              f"UNet: {c['unet']}; latents {c['batch_size']}x{c['latent_size']}x{c['latent_size']}",
              f"targets: {c['targets']} (sum d_out {c['sum_d_out']}, sum d_in {c['sum_d_in']})",
              f"step = forward, backward and {c['optimizer']} step; median (and min) of {c['rounds']} rounds x "
-             f"{c['steps']} steps after {c['warmup']} warm-up step(s), methods interleaved; load average {c['load_average'][0]} before, {c['load_average'][1]} after"
+             f"{c['steps']} steps after {c['warmup']} warm-up step(s), methods interleaved; "
+             f"load average {c['load_average'][0]} before, {c['load_average'][1]} after"
              + (f"; {c['timing_malloc']}" if c.get("timing_malloc") else ""),
              "x floor = median over rounds of a method's step / the floor steps just before and after it; "
              "x LoRA = x floor / peft LoRA's x floor; cpu x floor = median CPU time of a step (all threads: the "
