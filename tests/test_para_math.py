@@ -118,8 +118,8 @@ TRAINING_INPUTS = {
 }
 
 
-def train_forward_and_gradient(kind, shape, spread, bias=True):
-    unet, network, module, _ = build(kind, multiplier=0.6, dtype=torch.float64)
+def train_forward_and_gradient(kind, shape, spread, bias=True, multiplier=0.6):
+    unet, network, module, _ = build(kind, multiplier=multiplier, dtype=torch.float64)
     if not bias:
         module.layer.bias = None
     with torch.no_grad():
@@ -136,20 +136,21 @@ def train_forward_and_gradient(kind, shape, spread, bias=True):
     q, _ = torch.linalg.qr(b)
     w0 = module.layer.weight.reshape(module.layer.weight.shape[0], -1)
     expected = reference_output(module.layer, x_reference,
-                                (w0 - 0.6 * q @ (q.T @ w0)).reshape(module.layer.weight.shape))
+                                (w0 - multiplier * q @ (q.T @ w0)).reshape(module.layer.weight.shape))
     (expected * weights).sum().backward()
     assert relative_error(x.grad, x_reference.grad) <= 1e-12  # the gradient that flows on to earlier layers
     return out, expected, module, b.grad
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bias, multiplier", [(True, 0.6), (False, 0.6), (True, 1.0)])
 @pytest.mark.parametrize("rows", ["implicit", "formed"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_training_forward_and_gradient_equal_householder_math(kind, rows, bias, monkeypatch):
+def test_training_forward_and_gradient_equal_householder_math(kind, rows, bias, multiplier, monkeypatch):
     used = []
     for name in ("para_remove_from_linear", "gram_coefficients", "gram_q", "orthonormal_basis"):
         monkeypatch.setattr(para, name, lambda *a, _f=getattr(para, name), _n=name: (used.append(_n), _f(*a))[1])
-    out, expected, module, expected_grad = train_forward_and_gradient(kind, TRAINING_INPUTS[kind][rows], 0.5, bias)
+    out, expected, module, expected_grad = train_forward_and_gradient(kind, TRAINING_INPUTS[kind][rows], 0.5, bias,
+                                                                      multiplier)
     path = "gram_coefficients" if rows == "implicit" else "gram_q"
     assert used == (["para_remove_from_linear"] if kind == "linear" else [path])  # no QR in training
     assert relative_error(out, expected) <= 1e-12
