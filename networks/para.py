@@ -90,8 +90,8 @@ def _diagonal_ratio(triangular: torch.Tensor) -> torch.Tensor:
 # Training does not form Q. With BᵀB = L Lᵀ (Cholesky), Q = B L⁻ᵀ is exactly QR's Q (R = Lᵀ), so
 # Qᵀh = L⁻¹ Bᵀh and Q c = B L⁻ᵀ c: the layer needs only B and the r x r factor L. The Gram product and its
 # backward are two BLAS-3 products, 2-3x faster on a CPU than Householder QR and its backward, which were most
-# of PaRa's cost at small batches (issue 8's bench). The r x r solves on the activations are cheap while a layer
-# sees fewer rows than it has outputs; beyond that the layer forms Q = B L⁻ᵀ once.
+# of PaRa's cost at small batches (issue 8's bench). Linear layers use G⁻¹ = (BᵀB)⁻¹ (`_RemoveFromLinearOutput`);
+# convs solve with L on the rows while a layer sees fewer rows than it has outputs, beyond that form Q = B L⁻ᵀ once.
 # BᵀB squares cond(B), so this runs only while cond(B) is small: measured in float32 on (320..10240) x (32, 128),
 # the projection's error stayed within 2x of Householder's (about 1e-6) up to cond(B) = 10.
 GRAM_MIN_RATIO = 0.1  # min|R_ii| / max|R_ii| below this: Householder QR
@@ -220,7 +220,10 @@ class _RemoveFromLinearOutput(torch.autograd.Function):
                 if scale != 1:
                     bt_x = torch.addmm(bt_x, coefficients.t(), z, alpha=1 - scale)
                 grad_b = torch.addmm(x, b, _cast(gram_inverse @ bt_x, b.dtype), beta=-scale, alpha=scale)
-        return grad_h, grad_b, None, None, None
+            # a trainable base bias also reaches o through the +s·P b term: s·B G⁻¹ BᵀΣΓ = s·(Σz) Bᵀ
+            grad_bias = _cast(z.sum(0) @ _cast(b, z.dtype).t(), bias.dtype).mul_(scale) \
+                if ctx.needs_input_grad[3] else None
+        return grad_h, grad_b, None, grad_bias, None
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -125,7 +125,6 @@ def train_forward_and_gradient(kind, shape, spread, bias=True, multiplier=0.6):
     with torch.no_grad():
         module.para_b.mul_(torch.logspace(0, -spread, module.rank, dtype=torch.float64))  # cond(B) ~ 10^spread
     network.train()
-    x = torch.randn(shape, dtype=torch.float64)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     out = unet(x)
     weights = torch.randn_like(out)
@@ -156,6 +155,30 @@ def test_training_forward_and_gradient_equal_householder_math(kind, rows, bias, 
     assert relative_error(out, expected) <= 1e-12
     assert relative_error(module.para_b.grad, expected_grad) <= 1e-10
     assert 0.15 < module.conditioning.item() < 0.6  # min|R_ii| / max|R_ii| of QR(B): about 10^-spread
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_trainable_base_layer_gets_the_projected_layers_gradients(kind):
+    # PaRa leaves the bias alone (W0 x + b -> (W0 - sQQᵀW0) x + b), so a base layer trained along (full fine-tuning
+    # with a PaRa on top) must get exactly the gradients of that layer, the bias's too
+    unet, network, module, _ = build(kind, multiplier=0.7, dtype=torch.float64)
+    module.layer.requires_grad_(True)
+    network.train()
+    x = torch.randn(TRAINING_INPUTS[kind]["formed"], dtype=torch.float64)
+    out = unet(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+
+    w0 = module.layer.weight.detach().clone().requires_grad_(True)
+    bias = module.layer.bias.detach().clone().requires_grad_(True)
+    q, _ = torch.linalg.qr(module.para_b.detach())
+    flat = w0.reshape(w0.shape[0], -1)
+    projected = (flat - 0.7 * q @ (q.T @ flat)).reshape(w0.shape)
+    expected = F.linear(x, projected, bias) if kind == "linear" else \
+        F.conv2d(x, projected, bias, module.layer.stride, module.layer.padding)
+    (expected * weights).sum().backward()
+    assert relative_error(module.layer.bias.grad, bias.grad) <= 1e-12
+    assert relative_error(module.layer.weight.grad, w0.grad) <= 1e-12
 
 
 def test_one_batched_gram_gives_each_b_its_own_basis_and_gradient():
