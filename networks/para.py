@@ -209,19 +209,20 @@ class _RemoveFromLinearOutput(torch.autograd.Function):
             z_rows = _cast(z, rows.dtype)
             grad_h = torch.addmm(rows, z_rows, matrix.t(), alpha=-scale).view(grad.shape) \
                 if ctx.needs_input_grad[0] else None
+            z_total = None if bias is None else z.sum(0)  # over the rows: where the bias enters
             grad_b = None
             if ctx.needs_input_grad[1]:
                 # dL/dB = -s (I - P) X with X = (UᵀΓ + ΓᵀU) B G⁻¹ = Uᵀz + Γᵀy, U = h - b = o + s·y Bᵀ - b.
                 # (I - P) B = 0 drops U's middle term; BᵀX = (ΓB)ᵀy + (1 - s)·(UB)ᵀz needs no pass over d.
                 x = _cast(torch.addmm(rows.t() @ y, out.t(), z_rows), b.dtype)
                 if bias is not None:
-                    x = torch.addr(x, _cast(bias, b.dtype), _cast(z.sum(0), b.dtype), alpha=-1)
+                    x = torch.addr(x, _cast(bias, b.dtype), _cast(z_total, b.dtype), alpha=-1)
                 bt_x = grad_coefficients.t() @ _cast(y, gram_inverse.dtype)
                 if scale != 1:
                     bt_x = torch.addmm(bt_x, coefficients.t(), z, alpha=1 - scale)
                 grad_b = torch.addmm(x, b, _cast(gram_inverse @ bt_x, b.dtype), beta=-scale, alpha=scale)
             # a trainable base bias also reaches o through the +s·P b term: s·B G⁻¹ BᵀΣΓ = s·(Σz) Bᵀ
-            grad_bias = _cast(z.sum(0) @ _cast(b, z.dtype).t(), bias.dtype).mul_(scale) \
+            grad_bias = _cast(z_total @ _cast(b, z.dtype).t(), bias.dtype).mul_(scale) \
                 if ctx.needs_input_grad[3] else None
         return grad_h, grad_b, None, grad_bias, None
 
