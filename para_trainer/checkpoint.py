@@ -8,7 +8,8 @@ Such a file keeps the original LDM/SGM key layout: ``model.diffusion_model.*`` (
 Each component's diffusers <-> LDM correspondence is one declarative ``Layout`` (a table of key renames, generated
 from the model config, plus the few tensors that are stacked, transposed or reshaped); saving applies it, loading
 applies its inverse. Loading builds the model configs by matching the file's tensor shapes against the known
-models: the tiny ones of ``tiny_configs/`` and the real SD1.5, SD2.x and SDXL-base ones of ``model_configs/``.
+models: the tiny ones of ``tiny_configs/``, the real SD1.5, SD2.x and SDXL-base ones of ``model_configs/`` and
+builtin:toy-sd1 (``toyworld/toy-sd1/``).
 Files are read without unpickling code (safetensors, or ``torch.load(weights_only=True)``).
 """
 
@@ -36,7 +37,7 @@ from .tiny_tokenizer import TOKENIZER_DIR
 logger = logging.getLogger(__name__)
 
 REAL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-CONFIG_SOURCES = {"tiny": TINY_CONFIG_DIR, "real": REAL_CONFIG_DIR}
+CONFIG_SOURCES = {"tiny": TINY_CONFIG_DIR, "real": REAL_CONFIG_DIR, "toy": None}  # toy: builtin:toy-sd1's folder
 REAL_MODEL_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base"}
 
 UNET_PREFIX = "model.diffusion_model."
@@ -503,7 +504,18 @@ def _detect_kind(path: str, state_dict: dict, v2: bool, sdxl: bool | None) -> st
 
 
 def _read_config(source: str, kind: str, component: str) -> dict:
+    if source == "toy":
+        from .toyworld.model import component_config
+
+        return component_config(component)
     return json.loads((CONFIG_SOURCES[source] / kind / f"{component}.json").read_text())
+
+
+def _config_sources(kind: str) -> list[str]:
+    """The known models of ``kind`` to match a file against: tiny, real, and toy-sd1 where it is installed."""
+    from .toyworld.model import is_available
+
+    return [s for s in CONFIG_SOURCES if s != "toy" or (kind == "sd1" and is_available())]
 
 
 def _has_projection(config: dict) -> bool:
@@ -543,14 +555,14 @@ def _match_config(path: str, kind: str, component: str, prefix: str, weights: di
     if not weights:
         raise CheckpointError(f"{path} has no {component} tensors ({prefix}*); a full checkpoint is needed")
     candidates = []
-    for source in CONFIG_SOURCES:
+    for source in _config_sources(kind):
         expected, layout = _expected_shapes(source, kind, component), _layout_for(source, kind, component)
         fits = all(layout.fits(k, tuple(v.shape), expected) or layout.is_optional(k) for k, v in weights.items())
         missing = [k for k in expected if k not in weights and not layout.is_optional(k)]
         if fits and not missing:
             return source
         candidates.append((expected, layout, missing))
-    known = f"the tiny {kind} model or {REAL_MODEL_NAMES[kind]}"
+    known = f"the tiny {kind} model{', toy-sd1' if kind == 'sd1' else ''} or {REAL_MODEL_NAMES[kind]}"
     for key in sorted(weights):
         shape = tuple(weights[key].shape)
         if not any(layout.fits(key, shape, exp) or layout.is_optional(key) for exp, layout, _ in candidates):
@@ -583,6 +595,10 @@ def _load_tokenizer(path: str, kind: str, index: int, source: str, tokenizer_dir
     pad_token = TOKENIZER_PAD_TOKENS[kind][index]
     if source == "tiny":
         return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad_token)
+    if source == "toy":
+        from .toyworld.model import TOY_DIR
+
+        return CLIPTokenizer.from_pretrained(TOY_DIR / "tokenizer", pad_token=pad_token)
     repos = TOKENIZER_SOURCES[(kind, index)]
     folders = []
     if tokenizer_dir:  # sd-scripts' --tokenizer_cache_dir keeps each tokenizer in <dir>/<repo id with _ for />

@@ -1,8 +1,9 @@
 """`para-trainer` (also `python -m para_trainer`): the project's commands.
 
     para-trainer train ARGS...          the trainer, same as train_para.py (sd-scripts' arguments)
-    para-trainer tiny-model KIND OUT    write an embedded tiny model (sd1, sd2, sdxl) as a diffusers folder,
-                                        or as a single-file checkpoint when OUT ends in .safetensors/.ckpt
+    para-trainer tiny-model KIND OUT    write an embedded model (sd1, sd2, sdxl: random tiny ones; toy-sd1) as a
+                                        diffusers folder, or as a single-file checkpoint when OUT ends in
+                                        .safetensors/.ckpt
     para-trainer example-data OUT       write the bundled example images in sd-scripts' DreamBooth layout
     para-trainer export FILE --model BASE -o OUT [--to lora|merged] [--rank N]
                                         an exact LoRA/LoCon file of a PaRa or KronA adapter, or adapters baked
@@ -21,6 +22,8 @@
                                         upload adapters, their LoRA export, samples and a model card in one commit
     para-trainer pull USER/REPO[@REV] [FILE ...] [-o DIR]
                                         download files of a Hub repository (through the Hugging Face cache)
+    para-trainer toyworld ...           the toy world: renders, concepts, the judge, evaluating and pretraining
+                                        builtin:toy-sd1 (para_trainer/toyworld/cli.py)
 
 Wherever a file is read (export, merge, sample, inspect, --network_weights), hf://USER/REPO[@REV]/PATH names a
 file on the Hugging Face Hub (para_trainer/hub.py).
@@ -35,13 +38,21 @@ import sys
 def _tiny_model(options) -> int:
     from .tiny_models import build_tiny_pipeline, save_tiny_pipeline
 
+    if options.kind == "toy-sd1":
+        from .toyworld.model import load_toy_pipeline
+
+        pipe, kind = load_toy_pipeline(), "sd1"
+    else:
+        pipe, kind = build_tiny_pipeline(options.kind, seed=options.seed), options.kind
     if options.out.endswith((".safetensors", ".ckpt")):
         from .checkpoint import save_single_file
 
-        save_single_file(build_tiny_pipeline(options.kind, seed=options.seed), options.out, kind=options.kind)
+        save_single_file(pipe, options.out, kind=kind)
+    elif options.kind == "toy-sd1":
+        pipe.save_pretrained(options.out, safe_serialization=True)
     else:
         save_tiny_pipeline(options.kind, options.out, seed=options.seed)
-    print(f"wrote the tiny {options.kind} model to {options.out}")
+    print(f"wrote the {'toy' if options.kind == 'toy-sd1' else 'tiny ' + options.kind} model to {options.out}")
     return 0
 
 
@@ -75,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="para-trainer", description="PaRa adapters for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train an adapter (sd-scripts' train_network.py arguments)", add_help=False)
-    tiny = commands.add_parser("tiny-model", help="write an embedded tiny model (diffusers folder or single file)")
-    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl"])
+    tiny = commands.add_parser("tiny-model", help="write an embedded model (diffusers folder or single file)")
+    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "toy-sd1"],
+                      help="a random-weight tiny model, or toy-sd1 (pretrained on the toy world)")
     tiny.add_argument("out", help="a folder, or a .safetensors/.ckpt path for a single-file checkpoint")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_model)
@@ -90,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="native PaRa or KronA .safetensors; --to merged: also LoRA/LoCon/LoKr, several "
                              "(merged in this order)")
     export.add_argument("--model", help="the base model it was trained on: diffusers folder, .safetensors/.ckpt, "
-                                        "Hub id or builtin:tiny-sd1|tiny-sd2|tiny-sdxl")
+                                        "Hub id or builtin:toy-sd1|tiny-sd1|tiny-sd2|tiny-sdxl")
     export.add_argument("-o", "--out", required=True,
                         help="lora: a .safetensors file; merged: a .safetensors/.ckpt single file, or a folder (diffusers)")
     export.add_argument("--to", choices=["lora", "merged"], default="lora")
@@ -139,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .hub import add_subcommands as add_hub_subcommands
 
     add_hub_subcommands(commands)
+
+    from .toyworld.cli import add_subcommand as add_toyworld_subcommand
+
+    add_toyworld_subcommand(commands)
     return parser
 
 

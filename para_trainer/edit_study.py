@@ -34,9 +34,9 @@ from .sampling import make_scheduler
 
 PRESET = "presets/single_image_edit.toml"
 EDITS = [
-    "a photo of a striped ball toy on green grass",
-    "a photo of a blue striped ball toy on a wooden table",
-    "a watercolor painting of a striped ball toy on a wooden table",
+    "a photo of sks toy on the grass",
+    "a photo of a blue sks toy on a wooden floor",
+    "a photo of sks toy in the snow",
 ]
 EDIT_KEPT = 0.5
 SAMPLE_STEPS = 20

@@ -1,8 +1,9 @@
 """Loading the base model the trainer adapts, and encoding prompts the way sd-scripts does.
 
 `--pretrained_model_name_or_path` may be a diffusers folder, a single-file checkpoint (.safetensors/.ckpt, as
-A1111 users keep them; read without unpickling code), a Hub repo id, or `builtin:tiny-sd1|tiny-sd2|tiny-sdxl`,
-the embedded tiny models (nothing to download).
+A1111 users keep them; read without unpickling code), a Hub repo id, `builtin:toy-sd1` (the SD1-architecture
+model pretrained on the toy world, shipped in the package) or `builtin:tiny-sd1|tiny-sd2|tiny-sdxl`, the embedded
+random-weight tiny models (nothing to download).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+BUILTIN_MODELS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "toy-sd1": "sd1"}
 
 
 class ModelError(ValueError):
@@ -89,7 +90,8 @@ def load_models(args, torch_dtype=torch.float32) -> StableDiffusionModels:
     source = args.pretrained_model_name_or_path
     if not source:
         raise ModelError("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt "
-                         "checkpoint, a Hub repo id, or builtin:tiny-sd1 for the embedded tiny model)")
+                         "checkpoint, a Hub repo id, builtin:toy-sd1 for the model pretrained on the toy world, or "
+                         "builtin:tiny-sd1 for the embedded random tiny model)")
     if source.startswith(BUILTIN_PREFIX):
         pipe = _load_builtin(source, torch_dtype)
     elif os.path.isfile(source):
@@ -128,6 +130,13 @@ def _load_builtin(source: str, torch_dtype):
     if name not in BUILTIN_MODELS:
         raise ModelError(f"unknown built-in model {source!r}; choose one of "
                          + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
+    if name == "toy-sd1":
+        from .toyworld.model import load_toy_pipeline
+
+        try:
+            return load_toy_pipeline(torch_dtype)
+        except FileNotFoundError as error:
+            raise ModelError(str(error)) from None
     return build_tiny_pipeline(BUILTIN_MODELS[name], seed=0, torch_dtype=torch_dtype)
 
 

@@ -150,7 +150,7 @@ def add_subcommand(commands) -> None:
 
     sample_parser = commands.add_parser("sample", help="images with adapters applied, and a contact sheet")
     sample_parser.add_argument("--model", required=True, help="the base model: diffusers folder, .safetensors/.ckpt, "
-                                                              "Hub id or builtin:tiny-sd1|tiny-sd2|tiny-sdxl")
+                                                              "Hub id or builtin:toy-sd1|tiny-sd1|tiny-sd2|tiny-sdxl")
     sample_parser.add_argument("--network", action="append", metavar="FILE[:STRENGTH]",
                                help="an adapter (native PaRa, merged, LoRA/LoCon, LoKr); repeat for several, "
                                     "applied in order")

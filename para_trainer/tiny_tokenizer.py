@@ -74,17 +74,17 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
                 i += 1
 
 
-def build_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def build_vocab_and_merges(words: list[str] = CAPTION_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     byte_symbols = list(bytes_to_unicode().values())
-    merges = learn_merges(CAPTION_WORDS)
+    merges = learn_merges(words)
     tokens = byte_symbols + [s + END_OF_WORD for s in byte_symbols]
     tokens += ["".join(pair) for pair in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def tokenizer_files() -> dict[str, str]:
-    """File name -> exact file text, for ``CLIPTokenizer.from_pretrained``."""
-    vocab, merges = build_vocab_and_merges()
+def tokenizer_files(words: list[str] = CAPTION_WORDS) -> dict[str, str]:
+    """File name -> exact file text, for ``CLIPTokenizer.from_pretrained``; ``words`` become single tokens."""
+    vocab, merges = build_vocab_and_merges(words)
     special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
     tokenizer_config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -108,11 +108,11 @@ def tokenizer_files() -> dict[str, str]:
     }
 
 
-def write_tokenizer_files(directory=TOKENIZER_DIR) -> Path:
+def write_tokenizer_files(directory=TOKENIZER_DIR, words: list[str] = CAPTION_WORDS) -> Path:
     """Write the tokenizer files into ``directory`` (byte-identical on every run); return it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, text in tokenizer_files().items():
+    for name, text in tokenizer_files(words).items():
         (directory / name).write_bytes(text.encode("utf-8"))
     return directory
 

@@ -176,10 +176,6 @@ def train(args) -> None:
 
     # 4. network
     network, net_kwargs, train_text_encoder = build_network(args, models, weight_dtype, device)
-    if hasattr(network, "file_metadata"):  # which base the adapter belongs to: its LoRA export is exact only there
-        from .export import FINGERPRINT_KEY, base_fingerprint
-
-        network.file_metadata[FINGERPRINT_KEY] = base_fingerprint(network.adapter_modules)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         for te in models.text_encoders:
@@ -244,19 +240,12 @@ def train(args) -> None:
             hub_uploads.saved(output.adapter_path(step, epoch, final),
                               output.state_path(step, epoch, final) if state_saved else None, final)
 
-    def sample(step: int, epoch: int, tag: str) -> None:
-        if prompts and main_process:
-            network.eval()
-            from .sampling import sample_images
-
-            sample_images(models.pipeline, prompts, args.output_dir, args.output_name, tag, args.sample_sampler,
-                          (512, 512), clip_skip=args.clip_skip,
-                          prediction_type="v_prediction" if models.v_parameterization else None)
-            network.train()
+    def sample(step: int, epoch: int, tag: str) -> list:
+        return draw_samples(network, models, prompts, args, tag) if prompts and main_process else []
 
     # 7. the loop
-    if args.sample_at_first and start_step == 0:
-        sample(0, 0, "000000")
+    first_samples = (draw_samples(network, models, prompts, args, "000000", base=True)
+                     if prompts and main_process and args.sample_at_first and start_step == 0 else [])
     from tqdm.auto import tqdm
 
     progress = tqdm(range(start_step, plan.max_train_steps), initial=start_step, total=plan.max_train_steps,
@@ -316,10 +305,12 @@ def train(args) -> None:
     final_epoch = math.ceil(plan.max_train_steps / plan.steps_per_epoch)
     accelerator.wait_for_everyone()
     save(plan.max_train_steps, final_epoch, final=True)
+    last_samples = []
     if args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs):
-        sample(plan.max_train_steps, final_epoch, f"{plan.max_train_steps:06d}")
+        last_samples = sample(plan.max_train_steps, final_epoch, f"{plan.max_train_steps:06d}")
     if main_process:
         output.finish()
+        judge_report(models, dataset, prompts, first_samples, last_samples)
     accelerator.end_training()
     hub_uploads.finish()  # the final push; raises HubError if any upload failed (the files are all saved)
 
@@ -377,6 +368,10 @@ def build_network(args, models, weight_dtype, device):
         info = network.load_weights(args.network_weights)
         logger.info("loaded --network_weights %s: %s", args.network_weights, info)
     network.to(device)
+    if hasattr(network, "file_metadata"):  # which base the adapter belongs to: its LoRA export is exact only there
+        from .export import FINGERPRINT_KEY, base_fingerprint
+
+        network.file_metadata[FINGERPRINT_KEY] = base_fingerprint(network.adapter_modules)
     train_text_encoder = train_text_encoder and bool(getattr(network, "text_encoder_modules", True))
     return network, net_kwargs, train_text_encoder
 
@@ -565,6 +560,38 @@ class OutputFiles:
         if os.path.isdir(samples):
             print(f"  samples  {samples}")
         print(f"  log      {self.log_path}")
+
+
+def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -> list:
+    """The sample prompts' images with the adapter applied, or with base=True the base model's: the samples "at
+    first" show the base, since a PaRa adapter is not a no-op at initialization (it removes r random directions)."""
+    from .sampling import sample_images
+
+    multiplier = network.multiplier
+    network.eval()
+    if base:
+        network.set_multiplier(0.0)
+    try:
+        return sample_images(models.pipeline, prompts, args.output_dir, args.output_name, tag, args.sample_sampler,
+                             (512, 512), clip_skip=args.clip_skip,
+                             prediction_type="v_prediction" if models.v_parameterization else None)
+    finally:
+        network.set_multiplier(multiplier)
+        network.train()
+
+
+def judge_report(models, dataset, prompts, before: list, after: list) -> None:
+    """On toy-sd1, with samples drawn before and after training: the judge's identity scores (toyworld/report.py)."""
+    from .toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model
+
+    if not (before and len(before) == len(after) and is_toy_model(models.unet)):
+        return
+    subjects = [e for d in dataset.datasets for e in d.entries if not e.subset.is_reg]
+    identifier = next((identifier_of(e.subset.class_tokens or "") for e in subjects
+                       if identifier_of(e.subset.class_tokens or "")), None)
+    if identifier:
+        scores = identity_scores(before, after, [p.prompt for p in prompts], [e.path for e in subjects], identifier)
+        print(format_scores(scores, identifier))
 
 
 def lora_export_path(native_path: str) -> str:

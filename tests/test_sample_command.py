@@ -102,5 +102,5 @@ def test_single_image_edit_preset_runs_end_to_end(tmp_path):
     assert len(list((out / "sample").glob("*.png"))) == 8  # the caption and three edits, two seeds each
     sheet = tmp_path / "sheet"
     assert run(["--model", "builtin:tiny-sd1", "--network", str(adapter), "--compare", "--prompt",
-                "a photo of a striped ball toy on green grass", "--seeds", "2", "--steps", "2", "--out", str(sheet)]) == 0
+                "a photo of sks toy on the grass", "--seeds", "2", "--steps", "2", "--out", str(sheet)]) == 0
     assert len(list(sheet.glob("0*.png"))) == 4 and (sheet / "contact_sheet.png").exists()
