@@ -244,7 +244,7 @@ def train(args) -> None:
         return draw_samples(network, models, prompts, args, tag) if prompts and main_process else []
 
     # 7. the loop
-    first_samples = (draw_samples(network, models, prompts, args, "000000", base=True)
+    first_samples = (draw_samples(network, models, prompts, args, "000000", base=not args.network_weights)
                      if prompts and main_process and args.sample_at_first and start_step == 0 else [])
     from tqdm.auto import tqdm
 
@@ -564,7 +564,8 @@ class OutputFiles:
 
 def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -> list:
     """The sample prompts' images with the adapter applied, or with base=True the base model's: the samples "at
-    first" show the base, since a PaRa adapter is not a no-op at initialization (it removes r random directions)."""
+    first" of a new adapter show the base, since a PaRa adapter is not a no-op at initialization (it removes r
+    random directions); those of an adapter loaded with --network_weights show it as loaded."""
     from .sampling import sample_images
 
     multiplier = network.multiplier
