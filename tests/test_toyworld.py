@@ -201,6 +201,7 @@ def test_cli_render_concept_and_bad_names(tmp_path):
         (["render", str(tmp_path / "b.png"), "--size", "huge"], "unknown size 'huge'; valid: small, large"),
         (["concept", "dragon", str(tmp_path / "c")], "unknown concept 'dragon'; valid: smiley-ball, robot"),
         (["pretrain", "--workdir", str(tmp_path / "w"), "--stages", "vae,unets"], "unknown stage 'unets'"),
+        (["evaluate", "--model", str(tmp_path / "missing.safetensors")], "model not found: "),
     ):
         failed = _cli(*args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr

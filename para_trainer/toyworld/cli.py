@@ -197,11 +197,14 @@ def add_subcommand(commands) -> None:
 
 
 def _guarded(command):
-    """Bad names (attributes, concepts, stages) end in one line on stderr and exit status 2."""
+    """Bad names (attributes, concepts, stages) and models that do not load end in one line on stderr and exit
+    status 2."""
     def run(options) -> int:
+        from ..models import ModelError
+
         try:
             return command(options)
-        except WorldError as error:
+        except (WorldError, ModelError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
     return run

@@ -95,16 +95,10 @@ def showcase_prompts() -> list[str]:
 
 
 def run_evaluate(options) -> int:
-    from ..models import load_models
+    from ..export import load_base_model
     from .judge import load_judge
 
-    class _Args:  # what load_models reads
-        pretrained_model_name_or_path = options.model
-        v2 = False
-        v_parameterization = False
-        vae = None
-
-    pipe = load_models(_Args()).pipeline
+    pipe = load_base_model(options.model).pipeline
     judge = load_judge()
     items = evaluation_prompts(options.samples, options.seed)
     began = time.time()
