@@ -237,6 +237,12 @@ BLOCK_LR_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_ze
 LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
+def refused_lora_args(block_dims: str, block_lrs: str, loraplus: str) -> dict[str, str]:
+    """sd-scripts LoRA network_args that an algorithm refuses, each group with the algorithm's reason."""
+    return ({key: block_dims for key in BLOCK_DIM_ARGS} | {key: block_lrs for key in BLOCK_LR_ARGS}
+            | {key: loraplus for key in LORAPLUS_ARGS})
+
+
 def positive_int(value) -> int:
     number = int(str(value).strip()) if not isinstance(value, int) else value
     if number <= 0:

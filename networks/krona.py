@@ -51,9 +51,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_base import (
-    BLOCK_DIM_ARGS,
-    BLOCK_LR_ARGS,
-    LORAPLUS_ARGS,
     PRESETS,
     AdapterFileError,
     AdapterModule,
@@ -68,6 +65,7 @@ from .adapter_base import (
     positive_int,
     probability,
     read_adapter_file,
+    refused_lora_args,
     regex,
     select_target_layers,
 )
@@ -331,16 +329,11 @@ UNSUPPORTED_ARGS = {
 } | {
     key: "KronA's factors are always full matrices (LoKr's full-matrix mode)"
     for key in ("decompose_both", "full_matrix", "use_tucker", "use_scalar")
-} | {
-    key: "KronA has one factor shape (a1, a2) for every layer; use preset/include/exclude to choose layers"
-    for key in BLOCK_DIM_ARGS
-} | {
-    key: "per-block learning rates are not implemented for KronA"
-    for key in BLOCK_LR_ARGS
-} | {
-    key: "LoRA+ scales lora_up's learning rate; KronA has no up matrix"
-    for key in LORAPLUS_ARGS
-}
+} | refused_lora_args(
+    block_dims="KronA has one factor shape (a1, a2) for every layer; use preset/include/exclude to choose layers",
+    block_lrs="per-block learning rates are not implemented for KronA",
+    loraplus="LoRA+ scales lora_up's learning rate; KronA has no up matrix",
+)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,

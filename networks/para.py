@@ -32,9 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_base import (
-    BLOCK_DIM_ARGS,
-    BLOCK_LR_ARGS,
-    LORAPLUS_ARGS,
     PRESETS,
     AdapterFileError,
     AdapterModule,
@@ -49,6 +46,7 @@ from .adapter_base import (
     positive_int,
     probability,
     read_adapter_file,
+    refused_lora_args,
     regex,
     select_target_layers,
 )
@@ -754,16 +752,11 @@ NETWORK_ARGS = {
     "para_strength": float,  # α1
     "lora_strength": float,  # α2
 }
-UNSUPPORTED_ARGS = {
-    key: "PaRa has one rank per layer type (network_dim, conv_dim); use preset/include/exclude to choose layers"
-    for key in BLOCK_DIM_ARGS
-} | {
-    key: "per-block learning rates are not implemented for PaRa"
-    for key in BLOCK_LR_ARGS
-} | {
-    key: "LoRA+ scales lora_up's learning rate; PaRa has no up matrix"
-    for key in LORAPLUS_ARGS
-}
+UNSUPPORTED_ARGS = refused_lora_args(
+    block_dims="PaRa has one rank per layer type (network_dim, conv_dim); use preset/include/exclude to choose layers",
+    block_lrs="per-block learning rates are not implemented for PaRa",
+    loraplus="LoRA+ scales lora_up's learning rate; PaRa has no up matrix",
+)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,

@@ -24,6 +24,9 @@
                                         download files of a Hub repository (through the Hugging Face cache)
     para-trainer toyworld ...           the toy world: renders, concepts, the judge, evaluating and pretraining
                                         builtin:toy-sd1 (para_trainer/toyworld/cli.py)
+    para-trainer quality [--quick] [--sweep] [--report] [--out DIR] [--json]
+                                        PaRa vs LoRA, LoCon, LoKr, KronA trained on the toy world's held-out
+                                        concepts, scored by the judge (para_trainer/quality/)
 
 Wherever a file is read (export, merge, sample, inspect, --network_weights), hf://USER/REPO[@REV]/PATH names a
 file on the Hugging Face Hub (para_trainer/hub.py).
@@ -155,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .toyworld.cli import add_subcommand as add_toyworld_subcommand
 
     add_toyworld_subcommand(commands)
+
+    from .quality.cli import add_subcommand as add_quality_subcommand
+
+    add_quality_subcommand(commands)
     return parser
 
 

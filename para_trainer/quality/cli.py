@@ -1,0 +1,98 @@
+"""`para-trainer quality`: train every method on the toy world's held-out concepts and let the judge score them.
+
+    para-trainer quality --quick                     one concept, PaRa and LoRA at one budget, one seed
+    para-trainer quality                             every concept x method x budget x 3 seeds (hours)
+    para-trainer quality --sweep                     the learning-rate sweep (x0.3, x1, x3) on one concept
+    para-trainer quality --report                    only rebuild the table and plots from finished cells
+
+Finished cells are kept in <out>/cells/ and never run twice: run the same command again to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .methods import KS, METHODS, NOT_RUN, Variant, budget_variants
+
+QUICK = {"concepts": ["robot"], "variants": [Variant("para", 2), Variant("lora", 1)], "seeds": [0]}
+SWEEP_FACTORS = (0.3, 1.0, 3.0)
+
+
+def plan(options) -> list:
+    from ..toyworld.concepts import CONCEPTS
+    from .study import Cell
+
+    if options.quick:
+        concepts, variants, seeds = QUICK["concepts"], QUICK["variants"], QUICK["seeds"]
+    else:
+        concepts = options.concepts or list(CONCEPTS)
+        seeds = list(range(options.seeds))
+        if options.sweep:
+            concepts, seeds = concepts[:1], seeds[:1]
+            variants = [Variant(m, 0 if not METHODS[m].ranked else (2 if METHODS[m].module == "networks.para" else 1),
+                                f) for m in options.methods for f in SWEEP_FACTORS]
+        else:
+            variants = [dataclasses.replace(v, lr_factor=f) for v in budget_variants(options.methods, tuple(options.ks))
+                        for f in options.lr_factors]
+    return [Cell(c, v, s) for s in seeds for c in concepts for v in variants]
+
+
+def check(options) -> None:
+    from ..toyworld.concepts import get_concept
+
+    for name in options.concepts or []:
+        get_concept(name)
+    unknown = [m for m in options.methods if m not in METHODS]
+    if unknown:
+        why = NOT_RUN.get(unknown[0])
+        raise ValueError(f"--methods {unknown[0]}: " + (why if why else f"unknown; valid: {', '.join(METHODS)}"))
+    if options.seeds < 1 or options.steps < 2 or any(k < 1 for k in options.ks) or \
+            any(f <= 0 for f in options.lr_factors):
+        raise ValueError("--seeds, --ks and --lr-factors take positive numbers, --steps at least 2")
+
+
+def run_quality(options) -> int:
+    from ..toyworld.world import WorldError
+    from .report import write_report
+    from .study import Settings, Study
+
+    try:
+        check(options)
+    except (ValueError, WorldError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(options.out)
+    if not options.report:
+        study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
+        study.run(plan(options), progress=not options.json)
+    summary = write_report(out, quick=options.quick)
+    if options.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print((out / "results.md").read_text())
+        print(f"written: {out / 'results.json'}, {out / 'results.md'}, plots in {out}")
+    return 0
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("quality", help="PaRa against LoRA, LoCon, LoKr and KronA on the toy world, "
+                                 "scored by the judge (fidelity, alignment, drift, diversity)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="output/quality", help="results folder (default output/quality)")
+    parser.add_argument("--quick", action="store_true", help="one concept, PaRa r=2 and LoRA r=1, one seed")
+    parser.add_argument("--sweep", action="store_true", help="learning rates x0.3, x1, x3 on the first concept")
+    parser.add_argument("--report", action="store_true", help="only the table and plots from finished cells")
+    parser.add_argument("--concepts", nargs="+", help="held-out concepts (default: all)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: {' '.join(METHODS)}")
+    parser.add_argument("--ks", nargs="+", type=int, default=list(KS),
+                        help="budgets: PaRa r=k and 2k against the others at r=k (default 1 2)")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per cell (default 3)")
+    parser.add_argument("--lr-factors", dest="lr_factors", nargs="+", type=float, default=[1.0],
+                        help="each method's learning rate times these (default 1)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per cell (default 200)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=run_quality)

@@ -1,0 +1,222 @@
+"""The study's results from its finished cells: results.json, results.md (mean ± std over concepts and seeds),
+the comparisons the papers make (each with a verdict), and two plots.
+
+A comparison pairs cells of the same concept and training seed. A claim "holds" when the mean paired difference
+is more than two standard errors in its favour, "does not hold" when more than two against it, and is "within
+noise" otherwise (fewer than 3 pairs: "too few cells").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .methods import KS, METHODS
+from .scores import METRICS
+
+COMBINED = ("fidelity", "alignment", "class_accuracy")  # the sweep's criterion: their mean
+
+
+def load_cells(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*-steps/*/*.json"))]
+
+
+def group_key(cell: dict) -> str:
+    factor = cell.get("lr_factor", 1.0)
+    lr = "" if factor == 1 else f" lr x{factor:g}"
+    rank = f" r={cell['rank']}" if METHODS.get(cell["method"]) is None or METHODS[cell["method"]].ranked else ""
+    return f"{METHODS[cell['method']].label if cell['method'] in METHODS else cell['method']}{rank}{lr}" + (
+        f" ({cell['steps']} steps)" if cell["steps"] != 200 else "")
+
+
+def combined(scores: dict) -> float:
+    return float(np.mean([scores[m] for m in COMBINED]))
+
+
+def derived(cell: dict, metric: str) -> float:
+    """A final score, the combined score, or the fidelity gained over the base model on the same concept."""
+    if metric == "combined":
+        return combined(cell["final"])
+    if metric == "fidelity_gain":
+        return cell["final"]["fidelity"] - cell["by_step"]["0"]["fidelity"]
+    return cell["final"][metric]
+
+
+def summarize(cells: list[dict]) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault(group_key(cell), []).append(cell)
+    table = {}
+    for name, members in groups.items():
+        row = {"method": members[0]["method"], "rank": members[0]["rank"],
+               "lr_factor": members[0].get("lr_factor", 1.0), "learning_rate": members[0]["learning_rate"],
+               "cells": len(members), "concepts": len({m["concept"] for m in members}),
+               "seeds": len({m["seed"] for m in members}),
+               "parameters": int(np.mean([m["parameters"] for m in members])),
+               "file_bytes": int(np.mean([m["file_bytes"] for m in members])),
+               "train_seconds": round(float(np.mean([m["train_seconds"] for m in members])), 1)}
+        for metric in METRICS + ("combined", "fidelity_gain"):
+            values = [derived(m, metric) for m in members]
+            row[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        steps = sorted({int(s) for m in members for s in m["by_step"]})
+        row["by_step"] = {str(s): {metric: float(np.mean([m["by_step"][str(s)][metric] for m in members
+                                                           if str(s) in m["by_step"]]))
+                                   for metric in METRICS} for s in steps}
+        table[name] = row
+    return table
+
+
+def base_scores(out: Path, concepts: set[str]) -> dict | None:
+    rows = [json.loads((out / "base" / f"{c}.json").read_text()) for c in sorted(concepts)
+            if (out / "base" / f"{c}.json").exists()]
+    if not rows:
+        return None
+    return {metric: float(np.mean([r[metric] for r in rows])) for metric in METRICS}
+
+
+def verdict(diffs: list[float]) -> dict:
+    if len(diffs) < 3:
+        return {"pairs": len(diffs), "mean_difference": float(np.mean(diffs)) if diffs else None,
+                "verdict": "too few cells"}
+    mean, se = float(np.mean(diffs)), float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+    word = "holds" if mean > 2 * se else "does not hold" if mean < -2 * se else "within noise"
+    return {"pairs": len(diffs), "mean_difference": mean, "standard_error": se, "verdict": word}
+
+
+def compare(cells: list[dict], a: tuple[str, int], b: tuple[str, int], metrics=("fidelity", "alignment",
+                                                                                 "class_accuracy", "combined")):
+    """Paired differences a - b over (concept, seed), at learning-rate factor 1 and the default steps."""
+    def index(method, rank):
+        return {(c["concept"], c["seed"], c["steps"]): c for c in cells
+                if c["method"] == method and c["rank"] == rank and c.get("lr_factor", 1.0) == 1.0}
+
+    left, right = index(*a), index(*b)
+    pairs = sorted(set(left) & set(right))
+    result = {}
+    for metric in metrics:
+        diffs = [(combined(left[p]["final"]) - combined(right[p]["final"])) if metric == "combined"
+                 else left[p]["final"][metric] - right[p]["final"][metric] for p in pairs]
+        result[metric] = verdict(diffs)
+    return result
+
+
+def claims(cells: list[dict]) -> list[dict]:
+    """PaRa against LoRA at equal parameters (r = 2k vs k) and equal rank (k vs k), for each k."""
+    out = []
+    for para in ("para", "para-exca"):
+        for k in KS:
+            for label, para_rank in (("equal parameters", 2 * k), ("equal rank", k)):
+                result = compare(cells, (para, para_rank), ("lora", k))
+                if result["fidelity"]["pairs"]:
+                    out.append({"claim": f"{METHODS[para].label} r={para_rank} vs LoRA r={k} ({label})",
+                                "a": [para, para_rank], "b": ["lora", k], **result})
+    return out
+
+
+def sweep_spread(cells: list[dict]) -> dict[str, dict]:
+    """DiffuseKronA's claim: per method, how much the combined score moves across the learning-rate sweep."""
+    by_method: dict[str, dict[float, list[float]]] = {}
+    for cell in cells:
+        by_method.setdefault(cell["method"], {}).setdefault(cell.get("lr_factor", 1.0), []).append(
+            combined(cell["final"]))
+    spread = {}
+    for method, factors in by_method.items():
+        if len(factors) < 2:
+            continue
+        means = {f: float(np.mean(v)) for f, v in sorted(factors.items())}
+        spread[method] = {"by_factor": {f"{f:g}": m for f, m in means.items()},
+                          "spread": max(means.values()) - min(means.values()),
+                          "best_factor": max(means, key=means.get)}
+    return spread
+
+
+def _fmt(cell: dict) -> str:
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
+def markdown(table: dict, base: dict | None, comparisons: list[dict], spread: dict) -> str:
+    lines = ["| method | params | file KB | cells | fidelity | fidelity gain | recognition | alignment | leak | "
+             "class acc. | diversity | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if base:
+        lines.append("| base model (no adapter) | 0 | 0 | - | " + f"{base['fidelity']:.3f} | 0 | "
+                     + " | ".join(f"{base[m]:.3f}" for m in METRICS[1:]) + " | - |")
+    for name, row in sorted(table.items(), key=lambda kv: (kv[1]["method"], kv[1]["rank"], kv[1]["lr_factor"])):
+        lines.append(f"| {name} | {row['parameters']:,} | {row['file_bytes'] / 1024:.0f} | {row['cells']} | "
+                     + " | ".join(_fmt(row[m]) for m in ("fidelity", "fidelity_gain") + METRICS[1:])
+                     + f" | {row['train_seconds']:.0f} |")
+    if comparisons:
+        lines += ["", "| comparison (paired over concept and seed) | pairs | Δ fidelity | Δ alignment | "
+                  "Δ class acc. | Δ combined | verdict (combined) |", "|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            cells = [c[m] for m in ("fidelity", "alignment", "class_accuracy", "combined")]
+            lines.append(f"| {c['claim']} | {c['fidelity']['pairs']} | " + " | ".join(
+                "-" if x["mean_difference"] is None else f"{x['mean_difference']:+.3f}" for x in cells)
+                + f" | {c['combined']['verdict']} |")
+    if spread:
+        lines += ["", "| learning-rate sweep | " + " | ".join(f"x{f}" for f in ("0.3", "1", "3"))
+                  + " | spread | best |", "|---|---|---|---|---|---|"]
+        for method, s in spread.items():
+            lines.append(f"| {METHODS[method].label if method in METHODS else method} | " + " | ".join(
+                f"{s['by_factor'].get(f, float('nan')):.3f}" for f in ("0.3", "1", "3"))
+                + f" | {s['spread']:.3f} | x{s['best_factor']:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, table: dict, base: dict | None) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for name, row in sorted(table.items()):
+        axis.errorbar(row["alignment"]["mean"], row["fidelity_gain"]["mean"], xerr=row["alignment"]["std"],
+                      yerr=row["fidelity_gain"]["std"], fmt="o", capsize=3, label=name)
+    if base:
+        axis.plot(base["alignment"], 0, "kx", markersize=10, label="base model")
+    axis.set_xlabel("alignment: edit prompts' attributes found (CLIP-T role)")
+    axis.set_ylabel("fidelity gain over the base model (DINO role)")
+    axis.set_title("fidelity against alignment (mean ± std over concepts and seeds)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "fidelity_vs_alignment.png", dpi=110)
+    written.append("fidelity_vs_alignment.png")
+    plt.close(figure)
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for name, row in sorted(table.items()):
+        steps = sorted(int(s) for s in row["by_step"])
+        for axis, metric in zip(axes, ("fidelity", "alignment", "class_accuracy")):  # means over the same cells
+            axis.plot(steps, [row["by_step"][str(s)][metric] for s in steps], "o-", label=name)
+            axis.set_title(metric)
+            axis.set_xlabel("training steps")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "scores_vs_steps.png", dpi=110)
+    written.append("scores_vs_steps.png")
+    plt.close(figure)
+    return written
+
+
+def write_report(out, quick: bool = False) -> dict:
+    out = Path(out)
+    cells = load_cells(out)
+    table = summarize(cells)
+    base = base_scores(out, {c["concept"] for c in cells})
+    comparisons = claims(cells)
+    spread = sweep_spread(cells)
+    summary = {"cells": len(cells), "base": base, "table": table, "comparisons": comparisons,
+               "learning_rate_sweep": spread}
+    figures = plots(out, table, base)
+    summary["plots"] = figures
+    tmp = out / ".results.json.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(markdown(table, base, comparisons, spread))
+    return summary

@@ -1,0 +1,144 @@
+"""`para-trainer quality`: the judge's scores mean what they say, the budgets are what they claim, a small study
+runs end to end through the real trainer, resumes without retraining, and reports."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from networks import lora, para
+from para_trainer import cli
+from para_trainer.export import load_base_model
+from para_trainer.quality import report
+from para_trainer.quality.methods import METHODS, Variant, budget_variants
+from para_trainer.quality.prompts import prompt_set
+from para_trainer.quality.scores import reference_embeddings, score
+from para_trainer.quality.study import Cell, Settings, Study, file_parameters
+from para_trainer.toyworld.concepts import concept_scene
+from para_trainer.toyworld.judge import load_judge
+from para_trainer.toyworld.render import render
+from para_trainer.toyworld.world import BACKGROUNDS, POSITIONS, SIZES, Scene
+
+TOY = "builtin:toy-sd1"
+
+
+def run_cli(*argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in argv])
+    return exit_info.value.code
+
+
+def ideal_images(concept, prompts, rng, subject=None):
+    """What a perfect model draws for each prompt: renders with every attribute the prompt names."""
+    images = []
+    for p in prompts:
+        fixed = {k: v for k, v in p.checks.items() if k != "object"}
+        background = fixed.get("background", rng.choice(BACKGROUNDS))
+        position, size = fixed.get("position", rng.choice(POSITIONS)), fixed.get("size", rng.choice(SIZES))
+        if p.kind == "class":
+            scene = Scene(p.checks.get("object", "box"), fixed.get("colour", "green"), "plain", background, position,
+                          size, rng.randrange(1 << 30))
+        else:
+            scene = concept_scene(subject or concept, background, position, size, fixed.get("colour"),
+                                  rng.randrange(1 << 30))
+        images.append(render(scene))
+    return np.stack(images)
+
+
+def test_scores_of_a_perfect_model_and_of_one_that_never_learned_the_subject():
+    judge = load_judge()
+    concept = "robot"
+    prompts = prompt_set(concept)
+    assert {p.kind for p in prompts} == {"identity", "edit", "class"}
+    references = reference_embeddings(judge, concept)
+    perfect = score(judge, ideal_images(concept, prompts, random.Random(0)), prompts, concept, references)
+    assert perfect["recognition"] >= 0.9 and perfect["alignment"] >= 0.9 and perfect["class_accuracy"] >= 0.9
+    assert perfect["leak"] == 0 and perfect["fidelity"] > 0.5 and perfect["diversity"] > 0
+    other = score(judge, ideal_images(concept, prompts, random.Random(0), subject="duck"), prompts, concept,
+                  references)
+    assert other["recognition"] <= 0.1
+    assert other["fidelity"] < perfect["fidelity"] - 0.3
+    # the subject drawn for the class prompts too: every one of them leaks
+    leaking = [p if p.kind != "class" else p.__class__(p.text, "edit", {"object": concept}, p.seed) for p in prompts]
+    images = ideal_images(concept, leaking, random.Random(1))
+    assert score(judge, images, prompts, concept, references)["leak"] >= 0.9
+
+
+def test_budgets_pair_para_at_2k_and_k_with_the_others_at_k():
+    variants = budget_variants(["para", "lora", "krona"], (1, 2))
+    assert {(v.method, v.rank) for v in variants} == {("para", 1), ("para", 2), ("para", 4), ("lora", 1),
+                                                      ("lora", 2), ("krona", 0)}
+    models = load_base_model(TOY)
+    counts = {}
+    for module, rank in ((para, 2), (para, 1), (lora, 1)):
+        network = module.create_network(1.0, rank, 1, None, models.text_encoder_for_network, models.unet,
+                                        preset="full")
+        counts[(module.__name__, rank)] = network.trainable_parameter_count()
+    # "equal parameters": PaRa r=2 within 10% of LoRA r=1 on toy-sd1; "equal rank": PaRa about half
+    assert 0.9 < counts[("networks.para", 2)] / counts[("networks.lora", 1)] < 1.1
+    assert 0.45 < counts[("networks.para", 1)] / counts[("networks.lora", 1)] < 0.6
+
+
+def test_verdicts_need_the_difference_to_exceed_two_standard_errors():
+    assert report.verdict([0.1, 0.11, 0.09, 0.1])["verdict"] == "holds"
+    assert report.verdict([-0.1, -0.11, -0.09, -0.1])["verdict"] == "does not hold"
+    assert report.verdict([0.1, -0.1, 0.12, -0.09])["verdict"] == "within noise"
+    assert report.verdict([0.3, 0.3])["verdict"] == "too few cells"
+
+
+def test_a_small_study_trains_scores_resumes_and_reports(tmp_path, monkeypatch):
+    study = Study(tmp_path, Settings(steps=2, checkpoints=2, sample_steps=2), log=lambda m: None)
+    cells = [Cell("duck", Variant("para", 1), 0), Cell("duck", Variant("lora", 1), 0)]
+    results = study.run(cells, progress=False)
+    models = load_base_model(TOY)
+    for result, module in zip(results, (para, lora)):
+        assert set(result["by_step"]) == {"0", "1", "2"}
+        assert result["by_step"]["0"] == json.loads((tmp_path / "base" / "duck.json").read_text())
+        assert result["final"] == result["by_step"]["2"]
+        network = module.create_network(1.0, 1, 1, None, models.text_encoder_for_network, models.unet,
+                                        preset="full")
+        assert result["parameters"] == network.trainable_parameter_count()
+        adapter = study.adapter_path(Cell("duck", Variant(result["method"], 1), 0))
+        assert file_parameters(str(adapter)) == result["parameters"]
+        assert result["argv"][result["argv"].index("--network_module") + 1] == module.__name__
+    assert not (tmp_path / "work" / "duck").exists() or not any((tmp_path / "work" / "duck").iterdir())
+
+    # finished cells are never trained again; a cell without its JSON (interrupted) is
+    import para_trainer.train as train_module
+
+    calls = []
+    real_main = train_module.main
+    monkeypatch.setattr(train_module, "main", lambda argv: calls.append(argv) or real_main(argv))
+    again = study.run(cells, progress=False)
+    assert calls == [] and again == results
+    study.cell_path(cells[1]).unlink()
+    study.run(cells, progress=False)
+    assert len(calls) == 1 and "networks.lora" in calls[0]
+
+    summary = report.write_report(tmp_path)
+    assert summary["cells"] == 2
+    table = summary["table"]
+    assert set(table) == {"PaRa (full) r=1 (2 steps)", "LoRA r=1 (2 steps)"}
+    lora_row = table["LoRA r=1 (2 steps)"]
+    assert lora_row["fidelity"]["mean"] == pytest.approx(results[1]["final"]["fidelity"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| LoRA r=1 (2 steps) | " in markdown and "base model (no adapter)" in markdown
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "fidelity_vs_alignment.png").stat().st_size > 1000
+
+
+def test_bad_requests_get_one_line(capsys, tmp_path):
+    assert run_cli("quality", "--methods", "peft-para", "--out", tmp_path) == 2
+    assert "peft's PaRa (DEFT para=True) has no sd-scripts network module" in capsys.readouterr().err
+    assert run_cli("quality", "--concepts", "robto", "--out", tmp_path) == 2
+    assert "did you mean 'robot'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_method_names_a_module_that_imports():
+    import importlib
+
+    for method in METHODS.values():
+        module = importlib.import_module(method.module)
+        assert hasattr(module, "create_network") and hasattr(module, "create_network_from_weights")
