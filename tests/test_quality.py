@@ -142,3 +142,42 @@ def test_every_method_names_a_module_that_imports():
     for method in METHODS.values():
         module = importlib.import_module(method.module)
         assert hasattr(module, "create_network") and hasattr(module, "create_network_from_weights")
+
+
+def fake_cell(method, rank, concept, seed, value, lr_factor=1.0):
+    final = {"fidelity": value, "alignment": value, "class_accuracy": value}
+    return {"method": method, "rank": rank, "concept": concept, "seed": seed, "steps": 200, "lr_factor": lr_factor,
+            "final": final}
+
+
+def test_comparisons_pair_cells_by_concept_and_seed_and_the_sweep_uses_common_pairs():
+    cells = [fake_cell("para", 2, c, s, 0.5 + 0.1 * i) for i, c in enumerate("abc") for s in (0, 1)]
+    cells += [fake_cell("lora", 1, c, s, 0.45 + 0.1 * i + 0.001 * s) for i, c in enumerate("abc") for s in (0, 1)]
+    cells.append(fake_cell("lora", 1, "d", 0, 0.0))  # no PaRa partner: left out of the pairs
+    result = report.compare(cells, ("para", 2), ("lora", 1))
+    assert result["fidelity"]["pairs"] == 6
+    assert result["fidelity"]["mean_difference"] == pytest.approx(0.05 - 0.0005)
+    assert result["combined"]["verdict"] == "holds"
+    cells += [fake_cell("lora", 1, "a", 0, 0.2, lr_factor=3.0)]
+    spread = report.sweep_spread(cells)
+    assert spread["LoRA r=1"]["cells_per_factor"] == 1  # only (a, 0) has both rates
+    assert spread["LoRA r=1"]["by_factor"] == {"1": pytest.approx(0.45), "3": pytest.approx(0.2)}
+    assert spread["LoRA r=1"]["best_factor"] == 1.0 and "PaRa (full) r=2" not in spread
+
+
+def test_single_image_cells_train_on_one_photo_and_report_apart(tmp_path):
+    from para_trainer.quality.prompts import single_image_prompts
+
+    prompts = single_image_prompts("duck")
+    assert len({p.text for p in prompts}) == 4 and len({p.seed for p in prompts}) == 4  # same seeds per prompt
+    study = Study(tmp_path, Settings(steps=2, checkpoints=2, sample_steps=2), log=lambda m: None)
+    cell = Cell("duck", Variant("para-exca", 1), 0, "single-image")
+    result = study.run([cell], progress=False)[0]
+    photos = list((tmp_path / "data" / "single-image-duck" / "train").glob("*/*.png"))
+    assert len(photos) == 1
+    assert result["task"] == "single-image" and result["final"]["leak"] is None
+    assert result["final"]["edit_spread"] is not None
+    assert (tmp_path / "base" / "single-image-duck.json").exists() and not (tmp_path / "base" / "duck.json").exists()
+    summary = report.write_report(tmp_path)
+    assert summary["cells"] == 0 and list(summary["single_image"]) == ["PaRa (exca) r=1 (2 steps)"]
+    assert "Single-image editing" in (tmp_path / "results.md").read_text()

@@ -3,6 +3,9 @@
     para-trainer quality --quick                     one concept, PaRa and LoRA at one budget, one seed
     para-trainer quality                             every concept x method x budget x 3 seeds (hours)
     para-trainer quality --sweep                     the learning-rate sweep (x0.3, x1, x3) on one concept
+    para-trainer quality --single-image --methods para-exca lora --ks 1 --seeds 1
+                                                     single-image editing: identity kept, edit applied, the
+                                                     same result across noise seeds
     para-trainer quality --report                    only rebuild the table and plots from finished cells
 
 Finished cells are kept in <out>/cells/ and never run twice: run the same command again to resume.
@@ -38,7 +41,8 @@ def plan(options) -> list:
         else:
             variants = [dataclasses.replace(v, lr_factor=f) for v in budget_variants(options.methods, tuple(options.ks))
                         for f in options.lr_factors]
-    return [Cell(c, v, s) for s in seeds for c in concepts for v in variants]
+    task = "single-image" if options.single_image else "subject"
+    return [Cell(c, v, s, task) for s in seeds for c in concepts for v in variants]
 
 
 def check(options) -> None:
@@ -85,6 +89,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--out", default="output/quality", help="results folder (default output/quality)")
     parser.add_argument("--quick", action="store_true", help="one concept, PaRa r=2 and LoRA r=1, one seed")
     parser.add_argument("--sweep", action="store_true", help="learning rates x0.3, x1, x3 on the first concept")
+    parser.add_argument("--single-image", dest="single_image", action="store_true",
+                        help="single-image editing: train on one photo, edit it by prompt over 4 noise seeds")
     parser.add_argument("--report", action="store_true", help="only the table and plots from finished cells")
     parser.add_argument("--concepts", nargs="+", help="held-out concepts (default: all)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: {' '.join(METHODS)}")

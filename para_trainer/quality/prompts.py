@@ -17,6 +17,8 @@ from ..toyworld.world import COLOURS, compose, object_phrase
 IDENTITY_SEEDS = 4  # samples of the identity prompt (diversity is measured across them)
 EDIT_SEEDS = 2
 CLASS_SEEDS = 2
+SINGLE_IMAGE_SEEDS = 4  # single-image editing: every prompt over 4 noise seeds (is the result the same?)
+TASKS = ("subject", "single-image")
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,19 @@ def prompt_set(name: str) -> list[Prompt]:
         for s in range(CLASS_SEEDS):
             items.append(Prompt(text, "class", checks, seed=3000 + 10 * i + s))
     return items
+
+
+def single_image_prompts(name: str) -> list[Prompt]:
+    """Single-image editing: the one photo's caption and three edits of it, each over the same noise seeds."""
+    colour = edit_colour(name)
+    texts = [("identity", {"object": name}, compose("a photo of {object}", _subject(name), None, None))]
+    texts += [("edit", {"object": name, "background": bg},
+               compose("a photo of {object} {background}", _subject(name), None, bg)) for bg in ("grass", "snow")]
+    texts.append(("edit", {"object": name, "colour": colour},
+                  compose("a photo of {object}", _subject(name, colour=colour), None, None)))
+    return [Prompt(text, kind, checks, seed=4000 + s) for kind, checks, text in texts
+            for s in range(SINGLE_IMAGE_SEEDS)]
+
+
+def prompts_for(task: str, name: str) -> list[Prompt]:
+    return single_image_prompts(name) if task == "single-image" else prompt_set(name)

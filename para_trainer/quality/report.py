@@ -15,13 +15,40 @@ from pathlib import Path
 import numpy as np
 
 from .methods import KS, METHODS
-from .scores import METRICS
+from .scores import METRICS, SINGLE_IMAGE_METRICS
 
 COMBINED = ("fidelity", "alignment", "class_accuracy")  # the sweep's criterion: their mean
 
 
-def load_cells(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*-steps/*/*.json"))]
+def load_cells(out: Path, task: str = "subject") -> list[dict]:
+    pattern = "*-steps/*/*.json" if task == "subject" else f"*-steps/{task}/*/*.json"
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob(pattern))]
+
+
+def single_image_table(cells: list[dict]) -> dict[str, dict]:
+    """Single-image editing per method: the base model's scores (step 0) and the adapter's, means over cells."""
+    groups: dict[str, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault(group_key(cell), []).append(cell)
+    table = {}
+    for name, members in groups.items():
+        table[name] = {"cells": len(members), "parameters": int(np.mean([m["parameters"] for m in members])),
+                       **{metric: {"base": float(np.mean([m["by_step"]["0"][metric] for m in members])),
+                                   "mean": float(np.mean([m["final"][metric] for m in members])),
+                                   "std": float(np.std([m["final"][metric] for m in members]))}
+                          for metric in SINGLE_IMAGE_METRICS}}
+    return table
+
+
+def single_image_markdown(table: dict) -> str:
+    lines = ["", "Single-image editing (one photo; its caption and three edits over 4 noise seeds; base model -> "
+             "adapter):", "", "| method | params | cells | " + " | ".join(SINGLE_IMAGE_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(SINGLE_IMAGE_METRICS)]
+    for name, row in sorted(table.items()):
+        lines.append(f"| {name} | {row['parameters']:,} | {row['cells']} | " + " | ".join(
+            f"{row[m]['base']:.3f} -> {row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in SINGLE_IMAGE_METRICS)
+            + " |")
+    return "\n".join(lines) + "\n"
 
 
 def group_key(cell: dict) -> str:
@@ -117,20 +144,31 @@ def claims(cells: list[dict]) -> list[dict]:
 
 
 def sweep_spread(cells: list[dict]) -> dict[str, dict]:
-    """DiffuseKronA's claim: per method, how much the combined score moves across the learning-rate sweep."""
-    by_method: dict[str, dict[float, list[float]]] = {}
+    """DiffuseKronA's claim: per method and rank, how much the combined score moves across learning rates, on the
+    (concept, seed) pairs that every learning rate of it has."""
+    runs: dict[tuple, dict[float, dict[tuple, float]]] = {}
     for cell in cells:
-        by_method.setdefault(cell["method"], {}).setdefault(cell.get("lr_factor", 1.0), []).append(
-            combined(cell["final"]))
+        runs.setdefault((cell["method"], cell["rank"]), {}).setdefault(cell.get("lr_factor", 1.0), {})[
+            (cell["concept"], cell["seed"], cell["steps"])] = combined(cell["final"])
     spread = {}
-    for method, factors in by_method.items():
-        if len(factors) < 2:
+    for (method, rank), factors in sorted(runs.items()):
+        common = set.intersection(*(set(v) for v in factors.values()))
+        if len(factors) < 2 or not common:
             continue
-        means = {f: float(np.mean(v)) for f, v in sorted(factors.items())}
-        spread[method] = {"by_factor": {f"{f:g}": m for f, m in means.items()},
-                          "spread": max(means.values()) - min(means.values()),
-                          "best_factor": max(means, key=means.get)}
+        means = {f: float(np.mean([v[k] for k in common])) for f, v in sorted(factors.items())}
+        label = METHODS[method].label if method in METHODS else method
+        spread[f"{label} r={rank}" if rank else label] = {
+            "by_factor": {f"{f:g}": m for f, m in means.items()}, "cells_per_factor": len(common),
+            "spread": max(means.values()) - min(means.values()), "best_factor": max(means, key=means.get)}
     return spread
+
+
+def _difference(result: dict) -> str:
+    if result["mean_difference"] is None:
+        return "-"
+    if "standard_error" not in result:
+        return f"{result['mean_difference']:+.3f} ({result['verdict']})"
+    return f"{result['mean_difference']:+.3f} ± {2 * result['standard_error']:.3f} ({result['verdict']})"
 
 
 def _fmt(cell: dict) -> str:
@@ -148,20 +186,22 @@ def markdown(table: dict, base: dict | None, comparisons: list[dict], spread: di
                      + " | ".join(_fmt(row[m]) for m in ("fidelity", "fidelity_gain") + METRICS[1:])
                      + f" | {row['train_seconds']:.0f} |")
     if comparisons:
-        lines += ["", "| comparison (paired over concept and seed) | pairs | Δ fidelity | Δ alignment | "
-                  "Δ class acc. | Δ combined | verdict (combined) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "Comparisons: mean paired difference (first minus second) ± two standard errors, and the "
+                  "verdict for the first.", "",
+                  "| comparison (paired over concept and seed) | pairs | Δ fidelity | Δ alignment | Δ class acc. | "
+                  "Δ combined |", "|---|---|---|---|---|---|"]
         for c in comparisons:
             cells = [c[m] for m in ("fidelity", "alignment", "class_accuracy", "combined")]
-            lines.append(f"| {c['claim']} | {c['fidelity']['pairs']} | " + " | ".join(
-                "-" if x["mean_difference"] is None else f"{x['mean_difference']:+.3f}" for x in cells)
-                + f" | {c['combined']['verdict']} |")
+            lines.append(f"| {c['claim']} | {c['fidelity']['pairs']} | " + " | ".join(_difference(x) for x in cells)
+                         + " |")
     if spread:
-        lines += ["", "| learning-rate sweep | " + " | ".join(f"x{f}" for f in ("0.3", "1", "3"))
-                  + " | spread | best |", "|---|---|---|---|---|---|"]
-        for method, s in spread.items():
-            lines.append(f"| {METHODS[method].label if method in METHODS else method} | " + " | ".join(
-                f"{s['by_factor'].get(f, float('nan')):.3f}" for f in ("0.3", "1", "3"))
-                + f" | {s['spread']:.3f} | x{s['best_factor']:g} |")
+        lines += ["", "Learning rates (combined score, on the concept and seed pairs every rate has):", "",
+                  "| method | " + " | ".join(f"x{f}" for f in ("0.3", "1", "3")) + " | pairs | spread | best |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in spread.items():
+            values = [row["by_factor"].get(f) for f in ("0.3", "1", "3")]
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+                         + f" | {row['cells_per_factor']} | {row['spread']:.3f} | x{row['best_factor']:g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,13 +250,15 @@ def write_report(out, quick: bool = False) -> dict:
     base = base_scores(out, {c["concept"] for c in cells})
     comparisons = claims(cells)
     spread = sweep_spread(cells)
+    single = single_image_table(load_cells(out, "single-image"))
     summary = {"cells": len(cells), "base": base, "table": table, "comparisons": comparisons,
-               "learning_rate_sweep": spread}
-    figures = plots(out, table, base)
+               "learning_rate_sweep": spread, "single_image": single}
+    figures = plots(out, table, base) if table else []
     summary["plots"] = figures
     tmp = out / ".results.json.tmp"
     out.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(table, base, comparisons, spread))
+    (out / "results.md").write_text(markdown(table, base, comparisons, spread)
+                                    + (single_image_markdown(single) if single else ""))
     return summary

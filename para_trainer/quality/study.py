@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .methods import METHODS, Variant
-from .prompts import prompt_set
+from .prompts import prompts_for
 from .scores import reference_embeddings, score
 
 
@@ -41,10 +41,12 @@ class Cell:
     concept: str
     variant: Variant
     seed: int
+    task: str = "subject"  # or "single-image": one photo, edited by prompts (prompts.py)
 
     @property
     def key(self) -> str:
-        return f"{self.concept}/{self.variant.key}-s{self.seed}"
+        where = self.concept if self.task == "subject" else f"{self.task}/{self.concept}"
+        return f"{where}/{self.variant.key}-s{self.seed}"
 
 
 def _write_json(path: Path, data) -> None:
@@ -92,8 +94,11 @@ class Study:
     @property
     def models(self):
         if self._models is None:
+            from diffusers.utils import logging as diffusers_logging
+
             from ..export import load_base_model
 
+            diffusers_logging.disable_progress_bar()
             self._models = load_base_model(self.settings.model)
             self._models.pipeline.set_progress_bar_config(disable=True)
         return self._models
@@ -111,38 +116,40 @@ class Study:
             self._references[concept] = reference_embeddings(self.judge, concept)
         return self._references[concept]
 
-    def data_dir(self, concept: str) -> Path:
+    def data_dir(self, concept: str, task: str = "subject") -> Path:
+        """The concept's five photos (subject) or its first photo alone (single-image), as sd-scripts folders."""
         from ..toyworld.files import concept_files, write_files
 
-        directory = self.out / "data" / concept
+        directory = self.out / "data" / (concept if task == "subject" else f"{task}-{concept}")
         if not (directory / ".done").exists():
-            write_files({k: v for k, v in concept_files(concept, class_images=0).items()
+            images = 1 if task == "single-image" else 5
+            write_files({k: v for k, v in concept_files(concept, images, class_images=0).items()
                          if k.startswith("train/")}, directory)
             (directory / ".done").write_text("")
         return directory / "train"
 
     # ---- sampling and scoring
 
-    def samples(self, concept: str, adapters: list[tuple[str, float]] = ()) -> np.ndarray:
+    def samples(self, concept: str, adapters: list[tuple[str, float]] = (), task: str = "subject") -> np.ndarray:
         """The prompt set's images with the adapter files applied (none: the base model)."""
         from ..adapter_files import adapters_applied, read_adapter
         from ..toyworld.evaluate import sample
 
-        prompts = prompt_set(concept)
+        prompts = prompts_for(task, concept)
         files = [(read_adapter(path), strength) for path, strength in adapters]
         with adapters_applied(self.models, files):
             return sample(self.models.pipeline, [p.text for p in prompts], [p.seed for p in prompts],
                           self.settings.sample_steps, self.settings.guidance)
 
-    def scores(self, concept: str, images: np.ndarray) -> dict:
-        return score(self.judge, images, prompt_set(concept), concept, self.references(concept))
+    def scores(self, concept: str, images: np.ndarray, task: str = "subject") -> dict:
+        return score(self.judge, images, prompts_for(task, concept), concept, self.references(concept))
 
-    def base(self, concept: str) -> dict:
+    def base(self, concept: str, task: str = "subject") -> dict:
         """The base model's scores on the concept's prompts (cached): step 0 of every cell."""
-        path = self.out / "base" / f"{concept}.json"
+        path = self.out / "base" / (f"{concept}.json" if task == "subject" else f"{task}-{concept}.json")
         if path.exists():
             return json.loads(path.read_text())
-        result = self.scores(concept, self.samples(concept))
+        result = self.scores(concept, self.samples(concept, task=task), task)
         _write_json(path, result)
         return result
 
@@ -161,7 +168,8 @@ class Study:
     def train_argv(self, cell: Cell, work: Path) -> list[str]:
         s = self.settings
         method = METHODS[cell.variant.method]
-        return ["--pretrained_model_name_or_path", s.model, "--train_data_dir", str(self.data_dir(cell.concept)),
+        data = self.data_dir(cell.concept, cell.task)
+        return ["--pretrained_model_name_or_path", s.model, "--train_data_dir", str(data),
                 "--caption_extension", ".txt", "--resolution", "64", *method.args(cell.variant.rank),
                 "--learning_rate", f"{cell.variant.learning_rate:g}", "--max_train_steps", str(s.steps),
                 "--train_batch_size", str(s.batch), "--optimizer_type", "AdamW", "--lr_scheduler", "constant",
@@ -169,15 +177,15 @@ class Study:
                 "--output_name", "adapter", "--save_model_as", "safetensors", "--max_data_loader_n_workers", "0",
                 "--save_every_n_steps", str(max(1, s.steps // s.checkpoints)), "--no_export_lora"]
 
-    def score_steps(self, concept: str, work: Path) -> dict[int, dict]:
+    def score_steps(self, concept: str, work: Path, task: str = "subject") -> dict[int, dict]:
         """Scores at step 0 (the base model), at each intermediate save and at the end."""
         every = max(1, self.settings.steps // self.settings.checkpoints)
         files = {every * i: work / f"adapter-step{every * i:08d}.safetensors"
                  for i in range(1, self.settings.checkpoints)}
         files[self.settings.steps] = work / "adapter.safetensors"
-        by_step = {0: self.base(concept)}
+        by_step = {0: self.base(concept, task)}
         for step, path in sorted(files.items()):
-            by_step[step] = self.scores(concept, self.samples(concept, [(str(path), 1.0)]))
+            by_step[step] = self.scores(concept, self.samples(concept, [(str(path), 1.0)], task), task)
         return by_step
 
     def run_cell(self, cell: Cell) -> dict:
@@ -200,8 +208,9 @@ class Study:
         with open(work / "adapter_train_log.csv", newline="") as log:
             losses = [float(row["loss"]) for row in csv.DictReader(log)]
         began = time.time()
-        by_step = self.score_steps(cell.concept, work)
-        result = {"cell": cell.key, "concept": cell.concept, **asdict(cell.variant), "seed": cell.seed,
+        by_step = self.score_steps(cell.concept, work, cell.task)
+        result = {"cell": cell.key, "task": cell.task, "concept": cell.concept, **asdict(cell.variant),
+                  "seed": cell.seed,
                   "learning_rate": cell.variant.learning_rate, "steps": self.settings.steps,
                   "parameters": file_parameters(str(final)), "file_bytes": final.stat().st_size,
                   "train_seconds": round(trained, 1),
