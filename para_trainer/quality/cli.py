@@ -48,7 +48,7 @@ def plan(options) -> list:
 def check(options) -> None:
     from ..toyworld.concepts import get_concept
 
-    for name in options.concepts or []:
+    for name in (options.concepts or []) + ([options.grid] if options.grid else []):
         get_concept(name)
     unknown = [m for m in options.methods if m not in METHODS]
     if unknown:
@@ -73,6 +73,11 @@ def run_quality(options) -> int:
     if not options.report:
         study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
         study.run(plan(options), progress=not options.json)
+    if options.grid:
+        study = Study(out, Settings(steps=options.steps))
+        cells = [c for c in plan(options) if c.concept == options.grid and c.seed == 0 and study.cell_path(c).exists()]
+        path = study.grid(options.grid, cells, out / f"samples-{options.grid}.png")
+        print(f"samples: {path} (rows: base model, " + ", ".join(c.variant.key for c in cells) + ")")
     summary = write_report(out, quick=options.quick)
     if options.json:
         print(json.dumps(summary, indent=1))
@@ -100,5 +105,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--lr-factors", dest="lr_factors", nargs="+", type=float, default=[1.0],
                         help="each method's learning rate times these (default 1)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per cell (default 200)")
+    parser.add_argument("--grid", metavar="CONCEPT", help="also draw <out>/samples-CONCEPT.png: the prompt set "
+                        "(columns) for the base model and each finished variant of the plan at seed 0 (rows)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(run=run_quality)

@@ -225,6 +225,18 @@ class Study:
         shutil.rmtree(work, ignore_errors=True)
         return result
 
+    def grid(self, concept: str, cells: list[Cell], path: Path) -> Path:
+        """One row per cell (the base model first), one column per prompt: what the judge scored, to look at."""
+        from PIL import Image
+
+        from ..toyworld.evaluate import grid
+
+        rows = [self.samples(concept)] + [self.samples(concept, [(str(self.adapter_path(c)), 1.0)]) for c in cells]
+        pixels = np.concatenate([grid(row, len(row)) for row in rows], axis=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, optimize=True)
+        return path
+
     def run(self, cells: list[Cell], progress: bool = True) -> list[dict]:
         from tqdm import tqdm
 
