@@ -47,6 +47,9 @@ METHODS = {m.name: m for m in (
            notes="the UNet's transformer blocks and the text encoder (sd-scripts' default targets)"),
     Method("para-exca", "PaRa (exca)", "networks.para", 1e-2, ("preset=exca",),
            notes="the paper's ExCA subset: UNet transformer and resnet blocks except cross-attention"),
+    Method("para+lora", "PaRa + LoRA (lora_dim)", "networks.para", 1e-2, ("preset=full", "lora_dim=1"),
+           notes="the paper's composition, trained jointly: PaRa at the rank and a LoRA of rank 1 on the same "
+                 "layers (ΔW = -QQᵀW0 + B A)"),
     Method("lora", "LoRA", "networks.lora", 1e-2, ("preset=full",), network_alpha=1.0,
            notes="sd-scripts' LoRA on the same layers as PaRa (full), alpha 1"),
     Method("locon", "LoCon (LyCORIS)", "lycoris.kohya", 1e-2,

@@ -140,6 +140,12 @@ def claims(cells: list[dict]) -> list[dict]:
                 if result["fidelity"]["pairs"]:
                     out.append({"claim": f"{METHODS[para].label} r={para_rank} vs LoRA r={k} ({label})",
                                 "a": [para, para_rank], "b": ["lora", k], **result})
+    for k in KS:  # the paper's composition against either part alone
+        for other in ("para", "lora"):
+            result = compare(cells, ("para+lora", k), (other, k))
+            if result["fidelity"]["pairs"]:
+                out.append({"claim": f"PaRa r={k} + LoRA r=1 vs {METHODS[other].label} r={k}",
+                            "a": ["para+lora", k], "b": [other, k], **result})
     return out
 
 
