@@ -134,6 +134,9 @@ def test_bad_requests_get_one_line(capsys, tmp_path):
     assert run_cli("quality", "--concepts", "robto", "--out", tmp_path) == 2
     assert "did you mean 'robot'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    assert run_cli("quality", "--quick", "--out", tmp_path / "file" / "study") == 2
+    assert "cannot write the study's results under" in capsys.readouterr().err
 
 
 def test_every_method_names_a_module_that_imports():

@@ -70,9 +70,18 @@ def run_quality(options) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(options.out)
-    if not options.report:
-        study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
-        study.run(plan(options), progress=not options.json)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not options.report:
+            study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
+            study.run(plan(options), progress=not options.json)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished cells are in {out / 'cells'}; run the same command to go on",
+              file=sys.stderr)
+        return 130
+    except OSError as error:
+        print(f"error: cannot write the study's results under {out}: {error}", file=sys.stderr)
+        return 2
     if options.grid:
         study = Study(out, Settings(steps=options.steps))
         cells = [c for c in plan(options) if c.concept == options.grid and c.seed == 0 and study.cell_path(c).exists()]
