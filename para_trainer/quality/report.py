@@ -25,13 +25,18 @@ def load_cells(out: Path, task: str = "subject") -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "cells").glob(pattern))]
 
 
-def single_image_table(cells: list[dict]) -> dict[str, dict]:
-    """Single-image editing per method: the base model's scores (step 0) and the adapter's, means over cells."""
+def by_group(cells: list[dict]) -> dict[str, list[dict]]:
+    """Cells by method, rank, learning rate and steps (one table row each), in the order first met."""
     groups: dict[str, list[dict]] = {}
     for cell in cells:
         groups.setdefault(group_key(cell), []).append(cell)
+    return groups
+
+
+def single_image_table(cells: list[dict]) -> dict[str, dict]:
+    """Single-image editing per method: the base model's scores (step 0) and the adapter's, means over cells."""
     table = {}
-    for name, members in groups.items():
+    for name, members in by_group(cells).items():
         table[name] = {"cells": len(members), "parameters": int(np.mean([m["parameters"] for m in members])),
                        **{metric: {"base": float(np.mean([m["by_step"]["0"][metric] for m in members])),
                                    "mean": float(np.mean([m["final"][metric] for m in members])),
@@ -73,11 +78,8 @@ def derived(cell: dict, metric: str) -> float:
 
 
 def summarize(cells: list[dict]) -> dict[str, dict]:
-    groups: dict[str, list[dict]] = {}
-    for cell in cells:
-        groups.setdefault(group_key(cell), []).append(cell)
     table = {}
-    for name, members in groups.items():
+    for name, members in by_group(cells).items():
         row = {"method": members[0]["method"], "rank": members[0]["rank"],
                "lr_factor": members[0].get("lr_factor", 1.0), "learning_rate": members[0]["learning_rate"],
                "cells": len(members), "concepts": len({m["concept"] for m in members}),
