@@ -117,10 +117,11 @@ def verdict(diffs: list[float]) -> dict:
 
 def compare(cells: list[dict], a: tuple[str, int], b: tuple[str, int], metrics=("fidelity", "alignment",
                                                                                  "class_accuracy", "combined")):
-    """Paired differences a - b over (concept, seed), at learning-rate factor 1 and the default steps."""
-    def index(method, rank):
+    """Paired differences a - b over (concept, seed, steps); a and b are (method, rank[, learning-rate factor]),
+    factor 1 unless given."""
+    def index(method, rank, factor=1.0):
         return {(c["concept"], c["seed"], c["steps"]): c for c in cells
-                if c["method"] == method and c["rank"] == rank and c.get("lr_factor", 1.0) == 1.0}
+                if c["method"] == method and c["rank"] == rank and c.get("lr_factor", 1.0) == factor}
 
     left, right = index(*a), index(*b)
     pairs = sorted(set(left) & set(right))
@@ -142,6 +143,17 @@ def claims(cells: list[dict]) -> list[dict]:
                 if result["fidelity"]["pairs"]:
                     out.append({"claim": f"{METHODS[para].label} r={para_rank} vs LoRA r={k} ({label})",
                                 "a": [para, para_rank], "b": ["lora", k], **result})
+    best = best_factors(cells)
+    for para in ("para", "para-exca"):  # each at the learning rate that did best for it
+        for k in KS:
+            for label, para_rank in (("equal parameters", 2 * k), ("equal rank", k)):
+                a, b = (para, para_rank, best.get((para, para_rank), 1.0)), ("lora", k, best.get(("lora", k), 1.0))
+                if a[2] == b[2] == 1.0:
+                    continue
+                result = compare(cells, a, b)
+                if result["fidelity"]["pairs"]:
+                    out.append({"claim": f"{METHODS[para].label} r={para_rank} lr x{a[2]:g} vs LoRA r={k} lr x{b[2]:g} "
+                                f"({label}, each at its better rate)", "a": list(a), "b": list(b), **result})
     for k in KS:  # the paper's composition against either part alone
         for other in ("para", "lora"):
             result = compare(cells, ("para+lora", k), (other, k))
@@ -151,23 +163,34 @@ def claims(cells: list[dict]) -> list[dict]:
     return out
 
 
-def sweep_spread(cells: list[dict]) -> dict[str, dict]:
-    """DiffuseKronA's claim: per method and rank, how much the combined score moves across learning rates, on the
-    (concept, seed) pairs that every learning rate of it has."""
+def best_factors(cells: list[dict]) -> dict[tuple, float]:
+    """(method, rank) -> the learning-rate factor with the best mean combined score on the pairs all rates share."""
+    return {key: row["best_factor"] for key, row in _spread_by_key(cells).items()}
+
+
+def _spread_by_key(cells: list[dict]) -> dict[tuple, dict]:
     runs: dict[tuple, dict[float, dict[tuple, float]]] = {}
     for cell in cells:
         runs.setdefault((cell["method"], cell["rank"]), {}).setdefault(cell.get("lr_factor", 1.0), {})[
             (cell["concept"], cell["seed"], cell["steps"])] = combined(cell["final"])
-    spread = {}
-    for (method, rank), factors in sorted(runs.items()):
+    out = {}
+    for key, factors in sorted(runs.items()):
         common = set.intersection(*(set(v) for v in factors.values()))
         if len(factors) < 2 or not common:
             continue
         means = {f: float(np.mean([v[k] for k in common])) for f, v in sorted(factors.items())}
+        out[key] = {"by_factor": {f"{f:g}": m for f, m in means.items()}, "cells_per_factor": len(common),
+                    "spread": max(means.values()) - min(means.values()), "best_factor": max(means, key=means.get)}
+    return out
+
+
+def sweep_spread(cells: list[dict]) -> dict[str, dict]:
+    """DiffuseKronA's claim: per method and rank, how much the combined score moves across learning rates, on the
+    (concept, seed) pairs that every learning rate of it has."""
+    spread = {}
+    for (method, rank), row in _spread_by_key(cells).items():
         label = METHODS[method].label if method in METHODS else method
-        spread[f"{label} r={rank}" if rank else label] = {
-            "by_factor": {f"{f:g}": m for f, m in means.items()}, "cells_per_factor": len(common),
-            "spread": max(means.values()) - min(means.values()), "best_factor": max(means, key=means.get)}
+        spread[f"{label} r={rank}" if rank else label] = row
     return spread
 
 
