@@ -70,10 +70,10 @@ def run_quality(options) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(options.out)
+    study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not options.report:
-            study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
             study.run(plan(options), progress=not options.json)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the finished cells are in {out / 'cells'}; run the same command to go on",
@@ -82,12 +82,11 @@ def run_quality(options) -> int:
     except OSError as error:
         print(f"error: cannot write the study's results under {out}: {error}", file=sys.stderr)
         return 2
-    if options.grid:
-        study = Study(out, Settings(steps=options.steps))
+    if options.grid:  # the same Study: the model and judge it loaded for the cells serve the grid
         cells = [c for c in plan(options) if c.concept == options.grid and c.seed == 0 and study.cell_path(c).exists()]
         path = study.grid(options.grid, cells, out / f"samples-{options.grid}.png")
         print(f"samples: {path} (rows: base model, " + ", ".join(c.variant.key for c in cells) + ")")
-    summary = write_report(out, quick=options.quick)
+    summary = write_report(out)
     if options.json:
         print(json.dumps(summary, indent=1))
     else:

@@ -274,7 +274,7 @@ def plots(out: Path, table: dict, base: dict | None) -> list[str]:
     return written
 
 
-def write_report(out, quick: bool = False) -> dict:
+def write_report(out) -> dict:
     out = Path(out)
     cells = load_cells(out)
     table = summarize(cells)
