@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import logging
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass
@@ -320,10 +321,29 @@ def write_adapter_file(path: str, tensors: dict[str, torch.Tensor], metadata: di
         _atomic_write(path, lambda temp: torch.save(tensors, temp))
 
 
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of the tensors that hold NaN or Inf."""
+    return [key for key, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an adapter file; .pt/.ckpt load with weights_only (no code is run)."""
+    """Tensors and metadata of an adapter file; .pt/.ckpt load with weights_only (no code is run). A file that
+    holds NaN or Inf is refused: applied, exported or merged, it would only spread them."""
+    tensors, metadata = _read_tensor_file(path)
+    bad = non_finite_keys(tensors)
+    if bad:
+        raise AdapterFileError(f"{path} holds NaN or Inf in {len(bad)} of its {len(tensors)} tensors (e.g. {bad[0]}): "
+                               "the training that wrote it diverged. Use an earlier save, or train again with a lower "
+                               "learning rate")
+    return tensors, metadata
+
+
+def _read_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not os.path.isfile(path):
         raise AdapterFileError(f"adapter file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise AdapterFileError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -338,8 +358,14 @@ def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         return tensors, metadata
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AdapterFileError(
+            f"{path} is a pickle that holds more than tensors, and pickles are never unpickled here (loading one can "
+            "run any code in it). Convert it to .safetensors once, where you trust the file (e.g. with "
+            "safetensors.torch.save_file on its state dict), and give that file") from None
     except Exception as error:
-        raise AdapterFileError(f"{path} is not a readable tensor file: {error}") from None
+        raise AdapterFileError(f"{path} is not a readable tensor file ({type(error).__name__}); save it as "
+                               ".safetensors") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -354,6 +380,35 @@ def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
         module, _, part = key.partition(".")
         groups.setdefault(module, {})[part] = tensor
     return groups
+
+
+def module_kind_of_parts(parts) -> str:
+    """The adapter type of one module from its part names (`lora_up.weight`, `para_q`, ...)."""
+    parts = set(parts)
+    if "para_q" in parts:
+        return "native PaRa"
+    if any(part.startswith("stage") and part.endswith((".para_q", ".lora_up")) for part in parts):
+        return "native PaRa chain"
+    if {"lora_up.weight", "lora_down.weight"} <= parts or {"lora_A.weight", "lora_B.weight"} <= parts:
+        return "LoRA"
+    if {"lora.up.weight", "lora.down.weight"} <= parts or \
+            {"lora_linear_layer.up.weight", "lora_linear_layer.down.weight"} <= parts:
+        return "diffusers/peft LoRA"
+    if "hada_w1_a" in parts:
+        return "LoHa"
+    if parts & {"lokr_w1", "lokr_w1_a"}:
+        return "LoKr"
+    if "diff" in parts:
+        return "full/diff"
+    if parts & {"oft_blocks", "oft_diag"}:
+        return "OFT"
+    if {"weight", "on_input"} <= parts:
+        return "IA3"
+    if "a1.weight" in parts:
+        return "GLoRA"
+    if parts & {"w_norm", "b_norm"}:
+        return "norm"
+    return "unknown"
 
 
 def describe_file_model(metadata: dict[str, str]) -> str:
@@ -484,6 +539,7 @@ class AdapterNetwork(nn.Module):
     """sd-scripts' network interface (kohya-contract §1), shared by every algorithm in this folder."""
 
     network_module = "networks.adapter_base"  # what ss_network_module says; subclasses override
+    file_kinds: tuple[str, ...] = ()  # what module_kind_of_parts says of this network's own files
 
     def __init__(self, modules: list[AdapterModule], multiplier: float = 1.0, metadata: dict | None = None):
         super().__init__()
@@ -525,8 +581,30 @@ class AdapterNetwork(nn.Module):
         return True
 
     def load_weights(self, file: str):
-        tensors, _ = read_adapter_file(file)
+        tensors, metadata = read_adapter_file(file)
+        self.check_file_fits(group_by_module(tensors), metadata, file)
         return self.load_file_state(tensors, file)
+
+    def check_file_fits(self, groups: dict[str, dict], metadata: dict, file: str) -> None:
+        """AdapterFileError when a file given to continue training is of another kind (a LoRA for PaRa) or from
+        another model (almost none of its modules has a layer in this network)."""
+        kinds = {module_kind_of_parts(parts) for parts in groups.values()} - {"unknown"}
+        if not kinds:
+            keys = ", ".join(sorted(groups)[:3])
+            raise AdapterFileError(f"{file} holds no adapter modules (its keys: {keys}{', ...' if len(groups) > 3 else ''})"
+                                   "; give a file this network wrote")
+        if self.file_kinds and not kinds & set(self.file_kinds):
+            raise AdapterFileError(
+                f"{file} is a {', '.join(sorted(kinds))} file; {self.network_module} continues training only from "
+                f"its own {self.file_kinds[0]} files. To start from it, bake it into the base model (para-trainer export "
+                "FILE --to merged --model BASE -o MERGED.safetensors) and train on that")
+        names = {m.lora_name for m in self.adapter_modules}
+        matched = len(set(groups) & names)
+        if groups and matched * 10 < len(groups):  # nothing or almost nothing in common
+            raise AdapterFileError(
+                f"{file} does not fit this model: {matched} of its {len(groups)} modules have a layer in this "
+                f"network{describe_file_model(metadata) or ' (the file does not say which model it was trained on)'}"
+                ". Give a file trained on this base model, or leave --network_weights out to start afresh")
 
     def load_file_state(self, tensors: dict[str, torch.Tensor], source: str = "the weights"):
         """Load file tensors into the modules; returns (missing modules, unexpected modules) as sd-scripts prints."""

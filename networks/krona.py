@@ -275,6 +275,7 @@ class KronaModule(AdapterModule):
 
 class KronaNetwork(AdapterNetwork):
     network_module = __name__  # "networks.krona", or the name it was copied under in sd-scripts
+    file_kinds = ("LoKr",)
 
     def __init__(self, modules: list[KronaModule], multiplier: float = 1.0, metadata: dict | None = None):
         super().__init__(modules, multiplier, metadata)

@@ -110,6 +110,7 @@ class LoRAModule(AdapterModule):
 
 class LoRANetwork(AdapterNetwork):
     network_module = __name__  # "networks.lora"
+    file_kinds = ("LoRA",)
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value, device):

@@ -659,6 +659,7 @@ class ParaRankLossError(RuntimeError):
 
 class ParaNetwork(AdapterNetwork):
     network_module = "networks.para"
+    file_kinds = ("native PaRa", "native PaRa chain")
 
     def __init__(self, modules: list[ParaModule | ParaChainModule], multiplier: float = 1.0, metadata: dict | None = None):
         super().__init__(modules, multiplier, metadata)

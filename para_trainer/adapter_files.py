@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from networks.adapter_base import AdapterFileError, group_by_module, layers_for_file, read_adapter_file
+from networks.adapter_base import (
+    AdapterFileError,
+    group_by_module,
+    layers_for_file,
+    module_kind_of_parts,
+    read_adapter_file,
+)
 from networks.para import (
     Q_KEY,
     Addition,
@@ -105,8 +112,6 @@ def _module_stages(name: str, parts: dict[str, torch.Tensor], path: str) -> tupl
         return [Addition(up, down, alpha / rank)], kind
     if any(part.startswith("lokr_") for part in parts):
         return LokrParts(parts), "LoKr"
-    from .inspect_file import module_kind_of_parts
-
     raise AdapterFileError(f"{where} is a {module_kind_of_parts(parts)} module ({', '.join(sorted(parts))}); "
                            "para-trainer applies native PaRa, kohya LoRA/LoCon and LoKr files")
 
@@ -181,5 +186,6 @@ def parse_file_and_strength(text: str) -> tuple[str, float]:
         try:
             return head, float(tail)
         except ValueError:
-            pass
+            if head and os.path.exists(head) and not os.path.exists(text):
+                raise AdapterFileError(f"{text}: the strength {tail!r} is not a number; write FILE:0.8") from None
     return str(text), 1.0

@@ -121,6 +121,9 @@ SUPPORTED = frozenset(" ".join(SUPPORTED_GROUPS.values()).split())
 SUPPORTED_VALUES = {
     "loss_type": (("l2", "l1"), "only the l2 and l1 losses are implemented (not huber or smooth_l1)"),
     "log_with": ((None, "tensorboard"), "only TensorBoard logging is implemented (not wandb)"),
+    "lr_scheduler": (("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+                     "use one of constant (the default), constant_with_warmup, linear, cosine, cosine_with_restarts, "
+                     "polynomial"),
 }
 
 
@@ -403,6 +406,27 @@ def _resolution_problem(resolution) -> str | None:
     return f"--resolution {resolution!r}: write SIZE or WIDTH,HEIGHT in pixels, e.g. 512 or 512,768"
 
 
+def _value_problems(args) -> list[str]:
+    """Numbers that cannot mean anything: caught here, before a model is loaded or a file written."""
+    problems = []
+    if args.network_dim is not None and args.network_dim < 1:
+        problems.append(f"--network_dim {args.network_dim}: the rank must be a whole number above 0 (e.g. 4)")
+    for option in ("learning_rate", "unet_lr"):
+        value = getattr(args, option)
+        if value is not None and value < 0:
+            problems.append(f"--{option} {value}: a learning rate cannot be negative (e.g. 1e-4; 0 freezes the part)")
+    te_lrs = args.text_encoder_lr if isinstance(args.text_encoder_lr, (list, tuple)) else [args.text_encoder_lr]
+    if any(lr is not None and lr < 0 for lr in te_lrs):
+        problems.append(f"--text_encoder_lr {args.text_encoder_lr}: a learning rate cannot be negative")
+    if args.max_train_epochs is not None and args.max_train_epochs < 1:
+        problems.append(f"--max_train_epochs {args.max_train_epochs}: train at least 1 epoch")
+    elif args.max_train_epochs is None and args.max_train_steps < 1:
+        problems.append(f"--max_train_steps {args.max_train_steps}: train at least 1 step (with 0 the adapter would "
+                        "be saved untrained, and an untrained PaRa adapter is not a no-op: it already removes r "
+                        "directions per layer)")
+    return problems
+
+
 def _combination_problems(args) -> list[str]:
     """The cross-option rules of sd-scripts that para-trainer keeps (its asserts, as clear messages)."""
     problems = []
@@ -472,6 +496,7 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"--{spec.name} {value} is not supported by para-trainer: {SUPPORTED_VALUES[spec.name][1]}")
     if args.resolution is not None and (problem := _resolution_problem(args.resolution)):
         problems.append(problem)
+    problems += _value_problems(args)
     problems += _combination_problems(args)
     if problems:
         raise ArgsError("\n".join(problems))

@@ -425,6 +425,8 @@ def load_single_file(path, v2: bool = False, sdxl: bool | None = None, v_paramet
 def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
     with open(path, "rb") as f:
         head = f.read(9)
     if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
@@ -444,7 +446,7 @@ def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
                                   "because unpickling can run code; convert it to .safetensors with a tool you "
                                   "trust") from None
         raise CheckpointError(f"cannot read {path}: {error} (the file is truncated or corrupt)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # torch's zip errors, EOF, or safetensors' own error types (torch hands .safetensors on)
         reason = str(error).split(". ")[0]  # torch's zip errors go on for several sentences
         raise CheckpointError(f"cannot read {path}: {reason} (the file is truncated, corrupt "
                               "or not a .ckpt/.safetensors checkpoint)") from None

@@ -35,11 +35,28 @@ file on the Hugging Face Hub (para_trainer/hub.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _refuse_path_under_file(path: str, what: str) -> bool:
+    """Print one line and return True when `path` cannot be written because a part of it is a file."""
+    from .sample_command import SamplingError, check_folder_path
+
+    target = path if not path.endswith((".safetensors", ".ckpt")) else os.path.dirname(path) or "."
+    try:
+        check_folder_path(target, what)
+    except SamplingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return True
+    return False
 
 
 def _tiny_model(options) -> int:
     from .tiny_models import build_tiny_pipeline, save_tiny_pipeline
+
+    if _refuse_path_under_file(options.out, "OUT"):
+        return 2
 
     if options.kind == "toy-sd1":
         from .toyworld.model import load_toy_pipeline
@@ -61,6 +78,9 @@ def _tiny_model(options) -> int:
 
 def _example_data(options) -> int:
     from .example_images import write_example_dataset
+
+    if _refuse_path_under_file(options.out, "OUT"):
+        return 2
 
     write_example_dataset(options.out)
     print(f"wrote the example dataset to {options.out} (train/, reg/ and one_image/ in sd-scripts' DreamBooth layout)")
@@ -167,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from .optimizers import keep_bitsandbytes_offline
+
+    keep_bitsandbytes_offline()  # whoever imports bitsandbytes (diffusers does): no Hub access, no warning
     if argv[:1] == ["train"]:
         from .train import main as train_main
 

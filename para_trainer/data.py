@@ -441,6 +441,8 @@ def select_bucket(width: int, height: int, spec: DatasetSpec, predefined: list) 
 def read_caption(image_path: str, subset: SubsetSpec) -> str | None:
     """The first line of <stem><caption_extension>, or None when there is no caption file."""
     caption_path = os.path.splitext(image_path)[0] + subset.caption_extension
+    if subset.caption_extension and os.path.isdir(caption_path):
+        raise DataError(f"caption file {caption_path} is a folder, not a text file; rename or move it")
     if not subset.caption_extension or not os.path.isfile(caption_path):
         return None
     try:
@@ -452,6 +454,24 @@ def read_caption(image_path: str, subset: SubsetSpec) -> str | None:
         raise DataError(f"caption file {caption_path} is empty; write a caption in it, or delete it to use the "
                         "class tokens")
     return lines[0].strip()
+
+
+CAPTION_EXTENSIONS = (".caption", ".txt", ".tags")
+
+
+def _check_other_caption_files(paths: list[str], subset: SubsetSpec) -> None:
+    """No image has a caption with the configured extension: if they have captions under another common extension
+    (.txt beside images while --caption_extension is left at .caption is the classic mistake), stop and say so."""
+    for extension in CAPTION_EXTENSIONS:
+        if extension == subset.caption_extension:
+            continue
+        found = sum(os.path.isfile(os.path.splitext(p)[0] + extension) for p in paths)
+        if found:
+            raise DataError(
+                f"{subset.image_dir}: no image has a {subset.caption_extension or '(none)'} caption file, but {found} "
+                f"of {len(paths)} have a {extension} file beside them. Give --caption_extension {extension} (or "
+                f"caption_extension = \"{extension}\" in the dataset config) to train on those captions; to train on "
+                "the folder's class tokens instead, move the files away")
 
 
 def _uniform(generator: torch.Generator) -> float:
@@ -584,18 +604,25 @@ class TrainDataset:
 
     @staticmethod
     def _captions(paths: list[str], subset: SubsetSpec) -> list[str]:
-        captions, missing = [], 0
+        captions, missing, uncaptioned = [], 0, 0
         for path in paths:
             caption = read_caption(path, subset)
             if caption is None:
+                uncaptioned += 1
                 caption = subset.class_tokens
             if caption is None:
                 missing += 1
                 caption = ""
             captions.append(caption)
+        if uncaptioned == len(paths):
+            _check_other_caption_files(paths, subset)
         if missing:
             logger.warning("%s: %d images have neither a %s caption file nor class tokens; their caption is empty",
                            subset.image_dir, missing, subset.caption_extension)
+        elif uncaptioned:
+            logger.warning("%s: %d of %d images have no %s caption file; they are trained with the folder's class "
+                           "tokens %r as their caption", subset.image_dir, uncaptioned, len(paths),
+                           subset.caption_extension, subset.class_tokens)
         return captions
 
     @staticmethod

@@ -25,6 +25,7 @@ from networks.adapter_base import (
     AdapterFileError,
     group_by_module,
     layers_for_file,
+    module_kind_of_parts,
     read_adapter_file,
     write_adapter_file,
 )
@@ -105,8 +106,6 @@ def _read_native(path: str) -> tuple[dict[str, list], dict[str, str]]:
         raise ExportError(str(error)) from None
     groups = group_by_module(tensors)
     if not groups or not all(_is_para_module(parts) for parts in groups.values()):
-        from .inspect_file import module_kind_of_parts
-
         name = next((n for n, parts in groups.items() if not _is_para_module(parts)), None)
         what = f"{module_kind_of_parts(groups[name])} module {name}" if name else "no module"
         raise ExportError(f"{path} is not a native PaRa file (it has {what}); export takes the .safetensors that "

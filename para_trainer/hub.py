@@ -88,6 +88,22 @@ def parse_ref(ref: str) -> HubRef:
     return HubRef(repo_id, repo_type, revision, path)
 
 
+def parse_repo_id(text: str) -> str:
+    """USER/REPO (or ORG/REPO) for push; HubError naming the rule when it is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    owner, slash, name = text.partition("/")
+    problem = None if slash and owner and name and "/" not in name else "it must be USER/REPO, with one slash"
+    if problem is None:
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            problem = "use letters, digits, '-', '_' and '.' only (at most 96 characters, no '--' or '..')"
+    if problem:
+        raise HubError(f"push: {text!r} is not a repository id: {problem}, e.g. alice/toy-para")
+    return text
+
+
 def parse_resume(spec: str) -> HubRef:
     """sd-scripts' --resume with --resume_from_huggingface: USER/REPO/PATH[:REVISION[:REPO_TYPE]], or an hf:// ref."""
     if is_hub_ref(spec):
@@ -404,7 +420,7 @@ def push(paths, repo_id: str, revision: str | None = None, private: bool = False
     entries = _collect(paths, path_in_repo)
     if not entries:
         raise HubError("push: nothing to upload (empty folder?)")
-    ref = HubRef(parse_ref(repo_id).repo_id, repo_type, revision)
+    ref = HubRef(parse_repo_id(repo_id), repo_type, revision)
     prepare_repo(ref.repo_id, repo_type, private, token, revision)
     operations = [CommitOperationAdd(path_in_repo=target, path_or_fileobj=local) for target, local in entries.items()]
     adapters = [local for local in entries.values() if _is_native_para(local)]

@@ -14,6 +14,8 @@ import re
 import sys
 from collections import Counter
 
+from networks.adapter_base import module_kind_of_parts
+
 from .metadata import legacy_model_hash
 
 
@@ -52,35 +54,6 @@ KIND_DESCRIPTIONS = {
 
 # --------------------------------------------------------------------------------------------------
 # Module kinds
-
-
-def module_kind_of_parts(parts) -> str:
-    """The adapter type of one module from its part names (`lora_up.weight`, `para_q`, ...)."""
-    parts = set(parts)
-    if "para_q" in parts:
-        return "native PaRa"
-    if any(part.startswith("stage") and part.endswith((".para_q", ".lora_up")) for part in parts):
-        return "native PaRa chain"
-    if {"lora_up.weight", "lora_down.weight"} <= parts or {"lora_A.weight", "lora_B.weight"} <= parts:
-        return "LoRA"
-    if {"lora.up.weight", "lora.down.weight"} <= parts or \
-            {"lora_linear_layer.up.weight", "lora_linear_layer.down.weight"} <= parts:
-        return "diffusers/peft LoRA"
-    if "hada_w1_a" in parts:
-        return "LoHa"
-    if parts & {"lokr_w1", "lokr_w1_a"}:
-        return "LoKr"
-    if "diff" in parts:
-        return "full/diff"
-    if parts & {"oft_blocks", "oft_diag"}:
-        return "OFT"
-    if {"weight", "on_input"} <= parts:
-        return "IA3"
-    if "a1.weight" in parts:
-        return "GLoRA"
-    if parts & {"w_norm", "b_norm"}:
-        return "norm"
-    return "unknown"
 
 
 def _group(keys) -> tuple[dict[str, dict[str, str]], bool]:
@@ -166,6 +139,22 @@ def _read_entries(path: str):
     entries = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in tensors.items()}
     scalars = {k: float(v.float().reshape(-1)[0]) for k, v in tensors.items() if k.endswith("alpha") and v.numel() == 1}
     return entries, scalars, {}, "torch pickle (weights only)"
+
+
+def _non_finite_tensors(path: str, file_format: str) -> list[str]:
+    """The keys of an adapter file's tensors that hold NaN or Inf (one tensor in memory at a time)."""
+    from networks.adapter_base import non_finite_keys
+
+    if file_format == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as file:
+            return [key for key in file.keys() if non_finite_keys({key: file.get_tensor(key)})]
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state["state_dict"] if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) else state
+    return non_finite_keys({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
 
 
 def _parse_metadata(metadata: dict[str, str]) -> dict:
@@ -344,6 +333,13 @@ def inspect(path, hashes: bool = True) -> dict:
     if metadata.get("para.exported_from"):
         notes.append(f"exported from a native PaRa file (sha256 {metadata['para.exported_from'][:16]}…); exact only "
                      "on the base model it was exported for")
+    if adapter:
+        bad = _non_finite_tensors(path, file_format)
+        report["non_finite_tensors"] = bad
+        if bad:
+            notes.insert(0, f"{len(bad)} tensors hold NaN or Inf (e.g. {bad[0]}): the training that wrote this file "
+                            "diverged; para-trainer's commands refuse it and a WebUI would draw black or noisy images."
+                            " Use an earlier save, or train again with a lower learning rate")
     if kind == "unknown" and keys:
         unknown = next((n for n, k in modules.items() if k == "unknown"), keys[0])
         notes.append(f"no known adapter keys, e.g. {unknown}: {sorted(groups.get(unknown, {}))[:4]}")

@@ -125,6 +125,32 @@ def _metadata(adapters, mode: str, out: str, models) -> dict[str, str]:
     return metadata
 
 
+def model_family(adapter: AdapterFile) -> str | None:
+    """SD1, SD2 or SDXL, from the file's metadata or (SDXL) its module names; None when it does not say."""
+    version = adapter.metadata.get("ss_base_model_version") or adapter.metadata.get("modelspec.architecture") or ""
+    sdxl_names = any(name.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                      "lora_unet_output_blocks_")) for name in adapter.chains)
+    if sdxl_names or "xl" in version:
+        return "SDXL"
+    if version.startswith(("sd_v2", "stable-diffusion-v2")):
+        return "SD2"
+    if version.startswith(("sd_v1", "stable-diffusion-v1")):
+        return "SD1"
+    return None
+
+
+def check_same_family(adapters: list[AdapterFile]) -> None:
+    """MergeError when the files were trained on different model families: one file would mix both."""
+    families = {}
+    for adapter in adapters:
+        families.setdefault(model_family(adapter), adapter.path)
+    families.pop(None, None)
+    if len(families) > 1:
+        listed = " and ".join(f"{path} is an {family} adapter" for family, path in families.items())
+        raise MergeError(f"{listed}: merged, they would make one file that fits neither model; merge files trained "
+                         "on the same base model")
+
+
 def merge(inputs: list[tuple[str, float]], out: str, models=None, orthogonal: bool = False, force: bool = False,
           lora_out: str | None = None, lora_dtype="fp16") -> dict:
     """Write the merged native file to `out` and, with `models` and `lora_out`, its exact LoRA export."""
@@ -137,6 +163,7 @@ def merge(inputs: list[tuple[str, float]], out: str, models=None, orthogonal: bo
     if os.path.abspath(out) in paths or (lora_out and os.path.abspath(lora_out) in paths):
         raise MergeError(f"output {out} is one of the inputs; choose another output path")
     adapters = [(read_adapter(path), strength) for path, strength in inputs]
+    check_same_family([adapter for adapter, _ in adapters])
     if not any(adapter.has_para for adapter, _ in adapters):
         raise MergeError("none of the files is a PaRa adapter; merge combines PaRa files with each other or with "
                          "LoRA/LoCon/LoKr files")
@@ -188,8 +215,7 @@ def run_merge(options) -> int:
     try:
         inputs = [(resolve_path(path), strength)
                   for path, strength in map(parse_file_and_strength, options.adapters)]
-        for path, _ in inputs:
-            read_adapter(path)  # a wrong file fails before the (slow) base model is loaded
+        check_same_family([read_adapter(path) for path, _ in inputs])  # before the (slow) base model is loaded
         models = load_base_model(options.model, v2=options.v2) if options.model else None
         lora_out = None if options.no_export_lora else lora_export_path(options.out)
         report = merge(inputs, options.out, models, options.orthogonal, options.force, lora_out,

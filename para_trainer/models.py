@@ -166,6 +166,11 @@ def _load_diffusers(source: str, force_sdxl: bool, torch_dtype):
 def _load_vae(source: str, torch_dtype):
     from diffusers import AutoencoderKL
 
+    local = os.path.isabs(source) or source.startswith(".") or source.endswith((".safetensors", ".ckpt", ".pt")) \
+        or source.count("/") != 1
+    if local and not os.path.exists(source):
+        raise ModelError(f"--vae {source}: no such file or folder (give a .safetensors/.ckpt VAE file, a diffusers "
+                         "VAE folder, or a Hub repo id user/name)")
     try:
         if os.path.isfile(source):
             return AutoencoderKL.from_single_file(source, torch_dtype=torch_dtype)

@@ -4,12 +4,68 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import sys
 
 import torch
 
 
 class OptimizerError(ValueError):
     """An optimizer that cannot be built from the arguments."""
+
+
+class _OfflineQuietImport:
+    """Runs a module's import with `kernels` hidden (no Hub access) and its loggers silenced."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        import logging
+
+        missing = object()
+        hidden = sys.modules.get("kernels", missing)
+        sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError: no Hub access
+        log = logging.getLogger("bitsandbytes")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            log.setLevel(level)
+            if hidden is missing:
+                del sys.modules["kernels"]
+            else:
+                sys.modules["kernels"] = hidden
+
+
+class _BitsandbytesFinder:
+    """A meta-path finder for the first import of bitsandbytes, by whoever imports it (diffusers does, whenever it
+    is installed): that import runs offline and quietly (_OfflineQuietImport)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _OfflineQuietImport(spec.loader)
+        return spec
+
+
+def keep_bitsandbytes_offline() -> None:
+    """Make the first import of bitsandbytes offline and quiet, whenever and by whomever it happens.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes fetches a 4-bit matmul kernel from the Hugging Face Hub
+    (kernels.get_kernel) and logs a WARNING about kernels-community and trust_remote_code when that fails. 8-bit
+    optimizers never use that kernel. The commands call this at start; bitsandbytes itself is imported only when
+    something needs it (an 8-bit optimizer, or diffusers loading a model).
+    """
+    if "bitsandbytes" not in sys.modules and not any(isinstance(f, _BitsandbytesFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BitsandbytesFinder())
 
 
 def _bitsandbytes(name: str):
@@ -94,7 +150,12 @@ def build_optimizer(args, param_groups, learning_rate: float):
                              "torch.optim.Adam")
     try:
         optimizer = optimizer_class(param_groups, lr=learning_rate, **kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
+        words = [f"{key}={value}" for key, value in kwargs.items() if isinstance(value, str)]
+        if words:  # a value that is not a Python literal stays a string, as in sd-scripts: the likely culprit
+            raise OptimizerError(f"--optimizer_args {' '.join(words)}: {optimizer_class.__name__} refused "
+                                 f"{'this value' if len(words) == 1 else 'these values'} ({error}); write a number "
+                                 "(e.g. weight_decay=0.01), True/False or a tuple such as betas=(0.9,0.999)") from None
         raise OptimizerError(f"--optimizer_args do not fit {optimizer_class.__name__}: {error}") from None
     arguments = ",".join(f"{k}={v}" for k, v in kwargs.items())
     description = f"{optimizer_class.__module__}.{optimizer_class.__name__}" + (f"({arguments})" if arguments else "")

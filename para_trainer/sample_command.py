@@ -110,6 +110,24 @@ def sample(models, networks: list[tuple[AdapterFile, float]], prompts: list[Samp
             "columns": column_labels}
 
 
+def check_folder_path(path: str, option: str) -> None:
+    """SamplingError when a folder cannot be made at `path` because a part of it is a file."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SamplingError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+
+
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise SamplingError(f"--device {device}: no CUDA GPU is available here (this PyTorch "
+                            f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); leave "
+                            "--device out to sample on the CPU")
+
+
 def run_sample(options) -> int:
     """`para-trainer sample` (options from cli.py); errors are printed as one line, exit status 2."""
     from .checkpoint import CheckpointError
@@ -122,6 +140,13 @@ def run_sample(options) -> int:
             raise SamplingError("give the prompts with --prompt TEXT (repeatable) or --prompts-file FILE, one of them")
         if options.seeds < 1:
             raise SamplingError(f"--seeds {options.seeds}: give at least 1")
+        if options.steps < 1:
+            raise SamplingError(f"--steps {options.steps}: sample with at least 1 step (e.g. --steps 30)")
+        if os.path.exists(options.out) and not os.path.isdir(options.out):
+            raise SamplingError(f"--out {options.out} is a file; --out names a folder for the images and "
+                                f"{SHEET_NAME}")
+        check_folder_path(options.out, "--out")
+        check_device(options.device)
         prompts = (read_prompt_file(options.prompts_file) if options.prompts_file else
                    [SamplePrompt(text, negative_prompt=options.negative_prompt or "") for text in options.prompt])
         prompts = [replace(p, steps=p.steps if p.steps is not None else options.steps,

@@ -169,9 +169,23 @@ def _line_to_dict(line: str, where: str) -> dict:
                 prompt_dict[key] = _line_value(key, match.group(1).strip(), where)
                 break
         else:
+            name, _, value = option.partition(" ")
+            if name.lower() in _OPTION_VALUES:
+                raise SamplingError(f"{where}: --{name} {value.strip() or '(no value)'}: write "
+                                    f"{_OPTION_VALUES[name.lower()]}")
             logger.warning("%s: unknown option --%s is ignored (as sd-scripts does); options are --n --w --h --d "
                            "--s --l --ss", where, option)
     return prompt_dict
+
+
+_OPTION_VALUES = {  # what a known option's value must be, for the message when it is not
+    "w": "the width in pixels, a whole number (e.g. --w 512)",
+    "h": "the height in pixels, a whole number (e.g. --h 512)",
+    "d": "the seed, a whole number (e.g. --d 42)",
+    "s": "the number of sampling steps, a whole number (e.g. --s 30)",
+    "l": "the CFG scale, a number (e.g. --l 7.5)",
+    "g": "the guidance scale, a number (e.g. --g 3.5)",
+}
 
 
 def _line_value(key: str, value: str, where: str):

@@ -9,6 +9,7 @@ gives the same result whether its images run in one process or several, in one b
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -53,13 +54,36 @@ def user_errors() -> tuple[type[Exception], ...]:
             CheckpointError, SamplingError, ParaRankLossError, HubError)
 
 
+@dataclass
+class RunStatus:
+    """Where a run stands, for the one line Ctrl-C prints: the last finished step and the last state saved."""
+
+    step: int | None = None
+    last_state: str | None = None
+
+    def interrupted(self) -> str:
+        if self.step is None:
+            return "interrupted before training started; no adapter was written"
+        where = f"interrupted at step {self.step}"
+        if self.last_state:
+            return f"{where}; last saved state {self.last_state} (continue with --resume {self.last_state})"
+        return f"{where}; no state was saved, so the run cannot be resumed (--save_state saves one)"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from .optimizers import keep_bitsandbytes_offline
+
+    keep_bitsandbytes_offline()  # whoever imports bitsandbytes (diffusers does): no Hub access, no warning
+    status = RunStatus()
     try:
-        train(parse_args(argv))
+        train(parse_args(argv), status)
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{status.interrupted()}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -79,6 +103,12 @@ def check_settings(args) -> None:
                              "--sdpa") from None
     if not args.output_dir:
         raise TrainError("--output_dir is required: where the adapter, samples and log go")
+    existing = os.path.abspath(args.output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise TrainError(f"--output_dir {args.output_dir}: {existing} is a file, not a folder; choose another "
+                         "--output_dir")
     if args.resume and not os.path.isfile(os.path.join(args.resume, "train_state.json")):
         raise TrainError(f"--resume {args.resume}: not a state folder written by --save_state (no train_state.json)")
     if args.sample_prompts and not os.path.isfile(args.sample_prompts):
@@ -86,6 +116,16 @@ def check_settings(args) -> None:
     for path in (args.network_weights, *(args.base_weights or [])):
         if path and not os.path.isfile(path):
             raise TrainError(f"adapter file not found: {path}")
+
+
+def check_precision(args, accelerator) -> None:
+    """Say what runs when it is not what was asked: accelerate runs --mixed_precision fp16 on a CPU as float32.
+    The run then records "no" (what ran), not fp16, in the file's ss_mixed_precision."""
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not args.full_fp16:
+        logger.warning("--mixed_precision fp16: there is no CUDA GPU here, and accelerate runs fp16 on a CPU as "
+                       "float32; this run trains in float32 and the file records mixed precision 'no' (bf16 does "
+                       "run on a CPU)")
+        args.mixed_precision = "no"
 
 
 @dataclass
@@ -137,7 +177,7 @@ def item_generators(seed: int, epoch: int, batches: list) -> list[list[torch.Gen
 # The whole run
 
 
-def train(args) -> None:
+def train(args, status: RunStatus | None = None) -> None:
     from .hub import prepare_training
 
     hub_uploads = prepare_training(args)  # token and repo checked, hf:// inputs downloaded, before anything else
@@ -153,6 +193,7 @@ def train(args) -> None:
                               log_with="tensorboard" if args.log_with else None,
                               project_dir=args.logging_dir)
     main_process = accelerator.is_main_process
+    check_precision(args, accelerator)
     args.network_module = args.network_module or "networks.para"
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     if args.resume:  # the run's seed decides every step's randomness: take the original one
@@ -222,9 +263,9 @@ def train(args) -> None:
     training_metadata["ss_seed"] = str(seed)
     spec = file_metadata.modelspec(args, models, started_at)
     prompts = read_prompts(args)  # a bad prompt file stops here, before any file is written
-    output = OutputFiles(args, main_process)
+    output = OutputFiles(args, main_process, status or RunStatus())
     if main_process:
-        output.start_log()
+        output.start_log(start_step)
         accelerator.init_trackers(args.log_tracker_name or "network_train") if args.log_with else None
         logger.info("training %d steps (%d epochs of %d steps), %d images, batch %d x %d processes x %d accumulation",
                     plan.max_train_steps, plan.epochs, plan.steps_per_epoch, dataset.num_train_images,
@@ -476,23 +517,49 @@ def read_prompts(args):
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@contextlib.contextmanager
+def writing(path: str):
+    """An OSError while writing `path` (full or read-only disk, a path under a file) as one TrainError naming it.
+    Every file is written through a temporary name, so nothing is left under the final one."""
+    try:
+        yield
+    except OSError as error:
+        raise TrainError(f"could not write {path}: {error.strerror or error}; nothing was left under that name "
+                         "(free some space, or choose another --output_dir)") from None
+
+
 class OutputFiles:
-    def __init__(self, args, main_process: bool):
+    def __init__(self, args, main_process: bool, status: RunStatus):
         self.args = args
         self.main = main_process
+        self.status = status
         self.name = args.output_name or "last"
         self.ext = "." + (args.save_model_as or "safetensors")
         self.log_path = os.path.join(args.output_dir, f"{self.name}_train_log.csv")
         self.written: list[str] = []
 
-    def start_log(self) -> None:
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(self.log_path, "w", encoding="utf-8") as f:
-            f.write("step,epoch,loss,lr\n")
+    def start_log(self, start_step: int = 0) -> None:
+        """A new log, or on resume the old one up to the resumed step (steps after it run again and are logged
+        again, once). Temporary files a killed run left in the folder are removed first."""
+        with writing(self.args.output_dir):
+            os.makedirs(self.args.output_dir, exist_ok=True)
+        remove_stale_temporaries(self.args.output_dir)
+        rows = []
+        if start_step and os.path.isfile(self.log_path):
+            with open(self.log_path, encoding="utf-8") as f:
+                rows = [line for line in f.read().splitlines()[1:]
+                        if line.split(",")[0].isdigit() and int(line.split(",")[0]) <= start_step]
+        temp = self.log_path + ".tmp"
+        with writing(self.log_path):
+            with open(temp, "w", encoding="utf-8") as f:
+                f.write("\n".join(["step,epoch,loss,lr", *rows]) + "\n")
+            os.replace(temp, self.log_path)
+        self.status.step = start_step
 
     def log_step(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as f:
+        with writing(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
             f.write(f"{step},{epoch},{loss:.6f},{lr:.6g}\n")
+        self.status.step = step
 
     def adapter_path(self, step: int, epoch: int, final: bool) -> str:
         if final:
@@ -507,14 +574,16 @@ class OutputFiles:
         if not self.main:
             return
         path = self.adapter_path(step, epoch, final)
-        network.save_weights(path, SAVE_DTYPES.get(self.args.save_precision), metadata)
+        with writing(path):
+            network.save_weights(path, SAVE_DTYPES.get(self.args.save_precision), metadata)
         self.written.append(path)
         logger.info("saved %s", path)
         if path.endswith(".safetensors") and not self.args.no_export_lora and self.args.network_module == "networks.para":
             from .export import export_lora
 
             lora_path = lora_export_path(path)
-            report = export_lora(path, models, lora_path, SAVE_DTYPES.get(self.args.save_precision, torch.float16))
+            with writing(lora_path):
+                report = export_lora(path, models, lora_path, SAVE_DTYPES.get(self.args.save_precision, torch.float16))
             self.written.append(lora_path)
             logger.info("saved %s (exact LoRA/LoCon export, relative error %.1e)", lora_path,
                         report["max_relative_error"])
@@ -549,7 +618,9 @@ class OutputFiles:
         if not self.main:
             return
         path = self.state_path(step, epoch, final)
-        save_train_state(path, network, optimizer, lr_scheduler, step, epoch, seed)
+        with writing(path):
+            save_train_state(path, network, optimizer, lr_scheduler, step, epoch, seed)
+        self.status.last_state = path
         logger.info("saved state %s", path)
 
     def finish(self) -> None:
@@ -595,6 +666,16 @@ def judge_report(models, dataset, prompts, before: list, after: list) -> None:
         print(format_scores(scores, identifier))
 
 
+def remove_stale_temporaries(folder: str) -> None:
+    """The temporary files and state folders (.tmp-*) that a killed run (SIGKILL, power loss) left behind: every
+    file is written under such a name and renamed when complete, so they are never a finished file."""
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-") or name.endswith("_train_log.csv.tmp"):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            logger.info("removed %s, left by an interrupted run", path)
+
+
 def lora_export_path(native_path: str) -> str:
     """Where the LoRA export of a native file goes: NAME.safetensors -> NAME_lora.safetensors."""
     stem, extension = os.path.splitext(native_path)
@@ -628,7 +709,14 @@ def load_train_state(path: str, network, optimizer, lr_scheduler) -> int:
 
     with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
         state = json.load(f)
-    missing, unexpected = network.load_state_dict(load_file(os.path.join(path, "network.safetensors")), strict=False)
+    saved = load_file(os.path.join(path, "network.safetensors"))
+    current = network.state_dict()
+    for key, tensor in saved.items():
+        if key in current and tuple(current[key].shape) != tuple(tensor.shape):
+            raise TrainError(f"--resume {path}: the saved network has other shapes than this one ({key}: saved "
+                             f"{tuple(tensor.shape)}, here {tuple(current[key].shape)}); resume with the same "
+                             "--network_dim and --network_args as the run that saved it")
+    missing, unexpected = network.load_state_dict(saved, strict=False)
     if missing or unexpected:
         raise TrainError(f"--resume {path}: the saved network does not match this one "
                          f"({len(missing)} missing, {len(unexpected)} unexpected tensors); use the same network args")

@@ -107,7 +107,9 @@ def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
                "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
                os.path.join(ROOT, "train_para.py"),
                *base_args(two, "builtin:tiny-sd1", 1, "--train_batch_size", "1", *common)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # two processes on the same cores: OpenMP threads that spin while they wait would starve the other process
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     expected, _ = read_file(one / "run.safetensors")
     got, _ = read_file(two / "run.safetensors")
