@@ -115,7 +115,7 @@ def build_unet(options, device: torch.device, dtype: torch.dtype):
     from .tiny_models import read_tiny_config, real_unet_config
 
     if options.model:
-        from .export import load_base_model
+        from .files.export import load_base_model
 
         unet = load_base_model(options.model).unet
         description = f"{options.model} (its UNet)"

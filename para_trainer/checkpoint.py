@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .metadata import ARCHITECTURES
+from .models import ARCHITECTURES
 from .tiny_models import CONFIG_DIR as TINY_CONFIG_DIR  # importing tiny_models also hushes diffusers' import
 from .tiny_models import KINDS, TOKENIZER_PAD_TOKENS
 from .tiny_tokenizer import TOKENIZER_DIR

@@ -77,7 +77,7 @@ def _tiny_model(options) -> int:
 
 
 def _example_data(options) -> int:
-    from .example_images import write_example_dataset
+    from .training.example_images import write_example_dataset
 
     if _refuse_path_under_file(options.out, "OUT"):
         return 2
@@ -88,19 +88,19 @@ def _example_data(options) -> int:
 
 
 def _export(options) -> int:
-    from .export import run_export
+    from .files.export import run_export
 
     return run_export(options)
 
 
 def _merge(options) -> int:
-    from .merge import run_merge
+    from .files.merge import run_merge
 
     return run_merge(options)
 
 
 def _inspect(options) -> int:
-    from .inspect_file import run_inspect
+    from .files.inspect import run_inspect
 
     return run_inspect(options)
 
@@ -187,11 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    from .optimizers import keep_bitsandbytes_offline
+    from .training.optimizers import keep_bitsandbytes_offline
 
     keep_bitsandbytes_offline()  # whoever imports bitsandbytes (diffusers does): no Hub access, no warning
     if argv[:1] == ["train"]:
-        from .train import main as train_main
+        from .training.train import main as train_main
 
         sys.exit(train_main(argv[1:]))
     options = build_parser().parse_args(argv)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter_files import adapters_applied, read_adapter
-from .example_images import ONE_IMAGE_CAPTION, ONE_IMAGE_FOLDER, PACKAGE_COPY
+from .files.adapter_files import adapters_applied, read_adapter
+from .training.example_images import ONE_IMAGE_CAPTION, ONE_IMAGE_FOLDER, PACKAGE_COPY
 from .sampling import make_scheduler
 
 PRESET = "presets/single_image_edit.toml"
@@ -70,7 +70,7 @@ def measure(models, target: np.ndarray, seeds: int) -> dict[str, float]:
 
 def train_setting(out_dir: str, rank: int, lr: float, steps: list[int]) -> dict[int, str]:
     """Train with the preset at (rank, lr), saving at every step count in `steps`; {steps: adapter file}."""
-    from .train import main as train_main
+    from .training.train import main as train_main
 
     every = min(steps)
     if any(s % every for s in steps):
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from .export import load_base_model
+    from .files.export import load_base_model
 
     models = load_base_model("builtin:tiny-sd1")
     image_path = glob.glob(os.path.join(PACKAGE_COPY, *ONE_IMAGE_FOLDER.split("/"), "*.png"))[0]

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "toy-sd1": "sd1"}
+# sd-scripts' base model versions (ss_base_model_version) and their ModelSpec architecture names
+ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v1_v": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
 
 
 class ModelError(ValueError):

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from networks.adapter_base import AdapterFileError
 
-from .adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
+from .files.adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
 from .sampling import SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file
 
 SHEET_NAME = "contact_sheet.png"
@@ -131,7 +131,7 @@ def check_device(device: str | None) -> None:
 def run_sample(options) -> int:
     """`para-trainer sample` (options from cli.py); errors are printed as one line, exit status 2."""
     from .checkpoint import CheckpointError
-    from .export import load_base_model
+    from .files.export import load_base_model
     from .hub import HubError, resolve_path
     from .models import ModelError
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import toml
 
-from para_trainer import args as args_module
-from para_trainer.args import ArgsError, build_parser, parse_args
+from para_trainer.training import args as args_module
+from para_trainer.training.args import ArgsError, build_parser, parse_args
 
 TABLE = Path(args_module.__file__).with_name("sd_scripts_args.tsv")
 REFERENCE_TABLE = Path("/work/shared/reference/kohya_train_network_args.tsv")

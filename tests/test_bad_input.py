@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from para_trainer import cli
-from para_trainer.train import main as train_main
+from para_trainer.training.train import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "para_trainer", "example_data")
@@ -211,7 +211,7 @@ class AVX512BF16:
 
 sys.meta_path.insert(0, AVX512BF16())
 if sys.argv[1] == "protected":
-    from para_trainer.optimizers import keep_bitsandbytes_offline
+    from para_trainer.training.optimizers import keep_bitsandbytes_offline
     keep_bitsandbytes_offline()
 import bitsandbytes  # diffusers imports it so whenever a command loads a model
 print("get_kernel calls:", len(calls), sys.modules.get("kernels") is fake)

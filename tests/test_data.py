@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from para_trainer import example_images
-from para_trainer.data import (DataError, ItemRef, SubsetSpec, TrainDataset, load_blueprints, make_bucket_resolutions,
+from para_trainer.training import example_images
+from para_trainer.training.data import (DataError, ItemRef, SubsetSpec, TrainDataset, load_blueprints, make_bucket_resolutions,
                                process_caption)
 
 
@@ -67,7 +67,7 @@ def test_folder_layout_gives_repeats_and_class_tokens_and_skips_other_folders(tm
     image(train / "notes" / "c.png")
     image(train / "0_disabled" / "d.png")
     image(reg / "1_dog" / "e.png")
-    with caplog.at_level(logging.WARNING, logger="para_trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="para_trainer.training.data"):
         [spec] = load_blueprints(make_args(train_data_dir=str(train), reg_data_dir=str(reg), resolution="64"))
     found = [(Path(s.image_dir).name, s.num_repeats, s.class_tokens, s.is_reg) for s in spec.subsets]
     assert found == [("2_red_toy car", 2, "red_toy car", False), ("3_sks dog", 3, "sks dog", False),
@@ -181,7 +181,7 @@ def test_dataset_config_precedence(tmp_path, caplog):
     config = write(tmp_path / "data.toml", DATASET_TOML.format(a=a, b=b))
     args = make_args(dataset_config=Path(config), train_data_dir=str(tmp_path / "ignored"), resolution="128",
                      flip_aug=True, train_batch_size=4, dataset_repeats=2, prior_loss_weight=0.5)
-    with caplog.at_level(logging.WARNING, logger="para_trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="para_trainer.training.data"):
         first, second = load_blueprints(args)
     assert "--train_data_dir is ignored" in caplog.text
     assert (first.resolution, first.batch_size, first.prior_loss_weight) == ((96, 64), 2, 0.5)

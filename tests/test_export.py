@@ -1,4 +1,4 @@
-"""para_trainer.export: the exact LoRA/LoCon export (checked through diffusers' own loader and A1111's formula),
+"""para_trainer.files.export: the exact LoRA/LoCon export (checked through diffusers' own loader and A1111's formula),
 merged checkpoints, the base-model check and bad input."""
 
 import argparse
@@ -14,15 +14,8 @@ from networks import para
 from networks.adapter_base import named_layers
 from para_trainer import tiny_models
 from para_trainer.checkpoint import load_single_file
-from para_trainer.export import (
-    FINGERPRINT_KEY,
-    ExportError,
-    base_fingerprint,
-    export_lora,
-    export_merged,
-    load_base_model,
-    run_export,
-)
+from para_trainer.files.export import ExportError, export_lora, export_merged, load_base_model, run_export
+from para_trainer.files.metadata import FINGERPRINT_KEY, base_fingerprint
 from para_trainer.models import StableDiffusionModels
 
 KINDS = ["sd1", "sdxl"]

@@ -16,9 +16,9 @@ from safetensors import safe_open
 
 from hub_server import ALICE_TOKEN, FakeHub
 from para_trainer import cli, hub
-from para_trainer.args import ArgsError, parse_args
+from para_trainer.training.args import ArgsError, parse_args
 from para_trainer.hub import HubError, HubRef, parse_ref, parse_resume, pull, push, resolve_path
-from para_trainer.train import main as train_main
+from para_trainer.training.train import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "para_trainer", "example_data", "train")

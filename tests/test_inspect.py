@@ -1,4 +1,4 @@
-"""para_trainer.inspect_file on files made by this project and by others (peft/diffusers, LyCORIS, checkpoints)."""
+"""para_trainer.files.inspect on files made by this project and by others (peft/diffusers, LyCORIS, checkpoints)."""
 
 import argparse
 import hashlib
@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from networks import para
 from para_trainer import tiny_models
 from para_trainer.checkpoint import save_single_file
-from para_trainer.export import export_lora, load_base_model
-from para_trainer.inspect_file import InspectError, format_report, inspect, run_inspect
+from para_trainer.files.export import export_lora, load_base_model
+from para_trainer.files.inspect import InspectError, format_report, inspect, run_inspect
 
 
 def conv3x3_layers(unet):

@@ -329,7 +329,7 @@ def test_lycoris_lokr_file_loads_into_krona_with_the_same_delta(unet, tmp_path, 
 
 
 def test_trainer_writes_a_krona_file_that_loads_back(unet, tmp_path):
-    from para_trainer.train import main
+    from para_trainer.training.train import main
 
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir", os.path.join(DATA, "train"),
             "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(tmp_path), "--output_name", "run",
@@ -353,8 +353,8 @@ def test_trainer_writes_a_krona_file_that_loads_back(unet, tmp_path):
 
 
 def test_krona_preset_parses_with_the_papers_recipe():
-    from para_trainer.args import parse_args
-    from para_trainer.optimizers import parse_optimizer_args
+    from para_trainer.training.args import parse_args
+    from para_trainer.training.optimizers import parse_optimizer_args
 
     args = parse_args(["--config_file", os.path.join(ROOT, "presets", "krona_subject.toml")])
     assert args.network_module == "networks.krona"

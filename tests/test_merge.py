@@ -11,8 +11,9 @@ from safetensors import safe_open
 from networks import para
 from networks.adapter_base import named_layers, write_adapter_file
 from para_trainer import cli
-from para_trainer.export import FINGERPRINT_KEY, base_fingerprint, load_base_model
-from para_trainer.merge import MergeError, merge
+from para_trainer.files.export import load_base_model
+from para_trainer.files.metadata import FINGERPRINT_KEY, base_fingerprint
+from para_trainer.files.merge import MergeError, merge
 
 
 def read(path):
@@ -210,7 +211,7 @@ def test_para_after_lora_is_one_exact_lora(setup, tmp_path):
 
 
 def test_merged_file_in_the_trainer_base_weights_and_refused_as_network_weights(setup, tmp_path):
-    from para_trainer.train import main as train_main
+    from para_trainer.training.train import main as train_main
 
     merged = tmp_path / "merged.safetensors"
     merge([(str(setup["folder"] / "dog.safetensors"), 1.0), (str(setup["folder"] / "hat.safetensors"), 1.0)], merged)
@@ -239,7 +240,7 @@ def test_merge_command_writes_both_files(setup, tmp_path, capsys):
     assert float(tensors[f"{name}.stage1.strength"]) == pytest.approx(0.8)
     assert torch.equal(tensors[f"{name}.stage0.para_q"], setup["qa"][name])
     assert (tmp_path / "cli_lora.safetensors").exists()
-    from para_trainer.inspect_file import inspect
+    from para_trainer.files.inspect import inspect
 
     report = inspect(str(out), hashes=False)
     assert report["kind"] == "native PaRa chain" and report["ranks"]["max"] == 2 * setup["qa"][name].shape[1]
@@ -285,7 +286,7 @@ def test_a_file_trained_on_another_base_is_refused_without_force(setup, tmp_path
 
 
 def test_parse_file_and_strength():
-    from para_trainer.adapter_files import parse_file_and_strength
+    from para_trainer.files.adapter_files import parse_file_and_strength
 
     assert parse_file_and_strength("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert parse_file_and_strength(r"C:\models\a.safetensors") == (r"C:\models\a.safetensors", 1.0)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from para_trainer.optimizers import OptimizerError, build_optimizer, parse_optimizer_args
+from para_trainer.training.optimizers import OptimizerError, build_optimizer, parse_optimizer_args
 
 
 def args(optimizer_type="", optimizer_args=None, use_8bit_adam=False, use_lion_optimizer=False):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from networks import para
-from para_trainer.export import export_lora, load_base_model
+from para_trainer.files.export import export_lora, load_base_model
 
 STRENGTHS = [0.0, 0.5, 1.0]
 
@@ -150,7 +150,7 @@ def test_lora_strength_without_lora_dim_is_refused(models64):
 
 
 def test_trainer_trains_both_parts_and_resumes_from_the_file(tmp_path):
-    from para_trainer.train import main as train_main
+    from para_trainer.training.train import main as train_main
 
     common = ["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir",
               "para_trainer/example_data/train", "--caption_extension", ".txt", "--resolution", "64",

@@ -9,7 +9,7 @@ import pytest
 
 from networks import lora, para
 from para_trainer import cli
-from para_trainer.export import load_base_model
+from para_trainer.files.export import load_base_model
 from para_trainer.quality import report
 from para_trainer.quality.methods import METHODS, Variant, budget_variants
 from para_trainer.quality.prompts import prompt_set
@@ -105,7 +105,7 @@ def test_a_small_study_trains_scores_resumes_and_reports(tmp_path, monkeypatch):
     assert not (tmp_path / "work" / "duck").exists() or not any((tmp_path / "work" / "duck").iterdir())
 
     # finished cells are never trained again; a cell without its JSON (interrupted) is
-    import para_trainer.train as train_module
+    import para_trainer.training.train as train_module
 
     calls = []
     real_main = train_module.main

@@ -7,7 +7,8 @@ from PIL import Image
 
 from networks import para
 from para_trainer import cli
-from para_trainer.export import FINGERPRINT_KEY, base_fingerprint, export_lora, load_base_model
+from para_trainer.files.export import export_lora, load_base_model
+from para_trainer.files.metadata import FINGERPRINT_KEY, base_fingerprint
 
 STEPS = ["--steps", "3", "--model", "builtin:tiny-sd1"]
 
@@ -92,7 +93,7 @@ def test_bad_input_is_one_message_and_no_images(tmp_path, capsys, args, message)
 
 def test_single_image_edit_preset_runs_end_to_end(tmp_path):
     """The preset as written (shortened): one image, its edit prompts sampled at the end, then the sample command."""
-    from para_trainer.train import main as train_main
+    from para_trainer.training.train import main as train_main
 
     out = tmp_path / "edit"
     assert train_main(["--config_file", "presets/single_image_edit.toml", "--max_train_steps", "4",

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from para_trainer import sampling
+from para_trainer.training import args as args_module
 from para_trainer.sampling import (
     SAMPLERS,
     SamplePrompt,
@@ -175,7 +176,7 @@ def test_missing_prompt_file(tmp_path):
 
 
 def test_sampler_names_are_sd_scripts_choices():
-    table = Path(sampling.__file__).with_name("sd_scripts_args.tsv")
+    table = Path(args_module.__file__).with_name("sd_scripts_args.tsv")
     with table.open(encoding="utf-8") as file:
         rows = {row["option"]: row for row in csv.DictReader(file, delimiter="\t")}
     assert list(SAMPLERS) == rows["--sample_sampler"]["choices"].split(",")

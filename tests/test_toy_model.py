@@ -154,7 +154,7 @@ def test_quickstart_on_toy_sd1_learns_the_subject_then_export_merge_sample(model
     than before; then every tool on its files with --model builtin:toy-sd1, the merged single-file checkpoint
     computing exactly what toy-sd1 + the adapter computes."""
     from para_trainer.toyworld.report import identity_scores
-    from para_trainer.train import main as train_main
+    from para_trainer.training.train import main as train_main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a photo of sks toy --w 64 --h 64 --d {seed} --s 20 --l 6\n" for seed in range(4))

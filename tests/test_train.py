@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from para_trainer import tiny_models
-from para_trainer.train import main
+from para_trainer.training.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "para_trainer", "example_data")

@@ -258,7 +258,7 @@ def test_two_para_files_apply_sequentially(webui_env, installed, sd1, tmp_path):
 
 def test_merged_and_para_lora_files_load_as_their_chain(webui_env, installed, sd1, tmp_path):
     """A `para-trainer merge` result (stage keys, strengths, a LoRA stage) gives the chain's ΔW on every layer."""
-    from para_trainer.merge import merge
+    from para_trainer.files.merge import merge
 
     import_script(installed / SCRIPT)
     first = para_file(sd1, tmp_path / "1.safetensors", seed=5)

@@ -96,7 +96,7 @@ class Study:
         if self._models is None:
             from diffusers.utils import logging as diffusers_logging
 
-            from ..export import load_base_model
+            from ..files.export import load_base_model
 
             diffusers_logging.disable_progress_bar()
             self._models = load_base_model(self.settings.model)
@@ -132,7 +132,7 @@ class Study:
 
     def samples(self, concept: str, adapters: list[tuple[str, float]] = (), task: str = "subject") -> np.ndarray:
         """The prompt set's images with the adapter files applied (none: the base model)."""
-        from ..adapter_files import adapters_applied, read_adapter
+        from ..files.adapter_files import adapters_applied, read_adapter
         from ..toyworld.evaluate import sample
 
         prompts = prompts_for(task, concept)
@@ -189,7 +189,7 @@ class Study:
         return by_step
 
     def run_cell(self, cell: Cell) -> dict:
-        from ..train import main as train_main
+        from ..training.train import main as train_main
 
         path = self.cell_path(cell)
         if path.exists():

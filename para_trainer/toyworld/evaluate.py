@@ -95,7 +95,7 @@ def showcase_prompts() -> list[str]:
 
 
 def run_evaluate(options) -> int:
-    from ..export import load_base_model
+    from ..files.export import load_base_model
     from .judge import load_judge
 
     pipe = load_base_model(options.model).pipeline

@@ -25,7 +25,7 @@ import toml
 import torch
 from PIL import Image, UnidentifiedImageError
 
-logger = logging.getLogger("para_trainer.data")
+logger = logging.getLogger("para_trainer.training.data")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # sd-scripts' list (matched case-insensitively)
 

@@ -24,17 +24,10 @@ import torch
 from networks.adapter_base import AdapterFileError, write_adapter_file
 from networks.para import Reduction, format_version, stages_to_file
 
-from . import __version__
+from .. import __version__
 from .adapter_files import AdapterFile, layer_chains, parse_file_and_strength, read_adapter, scale_stages
-from .export import (
-    FINGERPRINT_KEY,
-    ExportError,
-    _base_matches,
-    base_fingerprint,
-    export_lora,
-    format_export_report,
-    load_base_model,
-)
+from .export import ExportError, _base_matches, export_lora, format_export_report, load_base_model, lora_export_path
+from .metadata import FINGERPRINT_KEY, base_fingerprint
 
 # Singular values of [Q1 | Q2 | …] below this are directions two files share: counted once in --orthogonal.
 SPAN_TOLERANCE = 1e-6
@@ -207,10 +200,9 @@ def format_merge_report(report: dict) -> str:
 
 def run_merge(options) -> int:
     """`para-trainer merge` (options from cli.py); errors are printed as one line, exit status 2."""
-    from .checkpoint import CheckpointError
-    from .models import ModelError
-    from .hub import HubError, resolve_path
-    from .train import lora_export_path
+    from ..checkpoint import CheckpointError
+    from ..models import ModelError
+    from ..hub import HubError, resolve_path
 
     try:
         inputs = [(resolve_path(path), strength)

@@ -417,7 +417,7 @@ def format_report(report: dict) -> str:
 
 def run_inspect(options) -> int:
     """`para-trainer inspect` (options from cli.py's parser): text, or the whole report as JSON with --json."""
-    from .hub import HubError, resolve_path
+    from ..hub import HubError, resolve_path
 
     try:  # an hf://USER/REPO/FILE reference is read from the Hugging Face cache (downloaded once)
         report = inspect(resolve_path(options.file), hashes=not options.no_hash)

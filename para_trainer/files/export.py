@@ -8,7 +8,6 @@ weight) and alpha = r, a kohya LoRA/LoCon loader computes W0 + m·up·down·(alp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,13 +30,13 @@ from networks.adapter_base import (
 )
 from networks.para import Q_KEY, chain_delta_weight, chain_lora_factors, check_stages_fit, stages_from_file
 
-from . import __version__
+from .. import __version__
+from ..models import ARCHITECTURES
 from .adapter_files import layer_chains, read_adapter
-from .metadata import ARCHITECTURES, file_sha256
+from .metadata import FINGERPRINT_KEY, base_fingerprint, file_sha256
 
 logger = logging.getLogger(__name__)
 
-FINGERPRINT_KEY = "para.base_fingerprint"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 # The dtypes a trainer may have cast the base to before fingerprinting it (--full_fp16/bf16, --fp8_base).
@@ -55,32 +54,13 @@ class ExportError(ValueError):
 # Which base an adapter was trained on
 
 
-def base_fingerprint(layers, dtype: torch.dtype | None = None) -> str:
-    """sha256 over the base weights of the adapted layers: names sorted, each weight as float32 bytes.
-
-    `layers`: objects with `.lora_name` and `.layer` (a network's adapter modules, or TargetLayers), or a dict
-    name -> layer or weight tensor. `dtype` rounds the weights to it first (what a model cast to fp16/bf16
-    for training holds), so a fingerprint taken on such a model can be checked against the float32 base.
-    """
-    items = layers.items() if isinstance(layers, dict) else ((t.lora_name, t.layer) for t in layers)
-    digest = hashlib.sha256()
-    for name, weight in sorted(items, key=lambda item: item[0]):
-        w = getattr(weight, "weight", weight).detach()
-        if dtype is not None:
-            w = w.to(dtype)
-        w = w.to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}{tuple(w.shape)}\n".encode())
-        digest.update(w.numpy())
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Inputs
 
 
 def load_base_model(model: str, v2: bool = False, sdxl: bool = False, v_parameterization: bool = False):
     """The base model (diffusers folder, single file, Hub id or builtin:tiny-*) in float32, as the trainer loads it."""
-    from .models import load_models
+    from ..models import load_models
 
     return load_models(SimpleNamespace(pretrained_model_name_or_path=model, v2=v2, sdxl=sdxl,
                                        v_parameterization=v_parameterization, vae=None))
@@ -468,7 +448,7 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
                                 "base_check": base_check})
 
     if output_format == "single file":
-        from .checkpoint import save_single_file
+        from ..checkpoint import save_single_file
 
         save_single_file(models.pipeline, out, dtype=save_dtype)
     else:
@@ -502,10 +482,10 @@ def format_export_report(report: dict) -> str:
 
 def run_export(options) -> int:
     """`para-trainer export` (options from cli.py's parser); errors are printed as one line, exit status 2."""
-    from .checkpoint import CheckpointError
-    from .models import ModelError
+    from ..checkpoint import CheckpointError
+    from ..models import ModelError
 
-    from .hub import HubError, resolve_path
+    from ..hub import HubError, resolve_path
 
     try:
         adapters = [resolve_path(str(a)) for a in options.adapters]
@@ -540,3 +520,9 @@ def run_export(options) -> int:
         return 2
     print(format_export_report(report))
     return 0
+
+
+def lora_export_path(native_path: str) -> str:
+    """Where the LoRA export of a native file goes: NAME.safetensors -> NAME_lora.safetensors."""
+    stem, extension = os.path.splitext(native_path)
+    return f"{stem}_lora{extension}"

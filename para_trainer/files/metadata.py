@@ -8,15 +8,14 @@ import json
 import os
 import time
 
-from . import __version__
+import torch
+
+from .. import __version__
+from ..models import ARCHITECTURES
 
 # What sd-scripts keeps with --no_metadata.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
-
-ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v1_v": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
-
 
 def legacy_model_hash(path: str) -> str:
     """The old webui model hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
@@ -160,3 +159,26 @@ def modelspec(args, models, timestamp: float) -> dict[str, str]:
 
 def at_save(metadata: dict[str, str], steps: int, epoch: int) -> dict[str, str]:
     return dict(metadata, ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
+
+
+# The base model an adapter was trained on: its LoRA export is exact only there
+FINGERPRINT_KEY = "para.base_fingerprint"
+
+
+def base_fingerprint(layers, dtype: torch.dtype | None = None) -> str:
+    """sha256 over the base weights of the adapted layers: names sorted, each weight as float32 bytes.
+
+    `layers`: objects with `.lora_name` and `.layer` (a network's adapter modules, or TargetLayers), or a dict
+    name -> layer or weight tensor. `dtype` rounds the weights to it first (what a model cast to fp16/bf16
+    for training holds), so a fingerprint taken on such a model can be checked against the float32 base.
+    """
+    items = layers.items() if isinstance(layers, dict) else ((t.lora_name, t.layer) for t in layers)
+    digest = hashlib.sha256()
+    for name, weight in sorted(items, key=lambda item: item[0]):
+        w = getattr(weight, "weight", weight).detach()
+        if dtype is not None:
+            w = w.to(dtype)
+        w = w.to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}{tuple(w.shape)}\n".encode())
+        digest.update(w.numpy())
+    return digest.hexdigest()

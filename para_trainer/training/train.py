@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import metadata as file_metadata
+from ..files import metadata as file_metadata
+from ..files.export import lora_export_path
+from ..models import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
 from .args import ArgsError, parse_args
 from .data import DataError, TrainDataset, load_blueprints
-from .models import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
 from .optimizers import OptimizerError, build_optimizer
 
 logger = logging.getLogger("para_trainer")
@@ -46,9 +47,9 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     from networks.para import ParaRankLossError
 
-    from .checkpoint import CheckpointError
-    from .hub import HubError
-    from .sampling import SamplingError
+    from ..checkpoint import CheckpointError
+    from ..hub import HubError
+    from ..sampling import SamplingError
 
     return (ArgsError, DataError, ModelError, OptimizerError, TrainError, NetworkArgsError, AdapterFileError,
             CheckpointError, SamplingError, ParaRankLossError, HubError)
@@ -178,7 +179,7 @@ def item_generators(seed: int, epoch: int, batches: list) -> list[list[torch.Gen
 
 
 def train(args, status: RunStatus | None = None) -> None:
-    from .hub import prepare_training
+    from ..hub import prepare_training
 
     hub_uploads = prepare_training(args)  # token and repo checked, hf:// inputs downloaded, before anything else
     check_settings(args)
@@ -410,7 +411,7 @@ def build_network(args, models, weight_dtype, device):
         logger.info("loaded --network_weights %s: %s", args.network_weights, info)
     network.to(device)
     if hasattr(network, "file_metadata"):  # which base the adapter belongs to: its LoRA export is exact only there
-        from .export import FINGERPRINT_KEY, base_fingerprint
+        from ..files.metadata import FINGERPRINT_KEY, base_fingerprint
 
         network.file_metadata[FINGERPRINT_KEY] = base_fingerprint(network.adapter_modules)
     train_text_encoder = train_text_encoder and bool(getattr(network, "text_encoder_modules", True))
@@ -505,7 +506,7 @@ def average_gradients(network, accelerator) -> None:
 def read_prompts(args):
     if not args.sample_prompts:
         return []
-    from .sampling import read_prompt_file
+    from ..sampling import read_prompt_file
 
     return read_prompt_file(args.sample_prompts)
 
@@ -579,7 +580,7 @@ class OutputFiles:
         self.written.append(path)
         logger.info("saved %s", path)
         if path.endswith(".safetensors") and not self.args.no_export_lora and self.args.network_module == "networks.para":
-            from .export import export_lora
+            from ..files.export import export_lora
 
             lora_path = lora_export_path(path)
             with writing(lora_path):
@@ -637,7 +638,7 @@ def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -
     """The sample prompts' images with the adapter applied, or with base=True the base model's: the samples "at
     first" of a new adapter show the base, since a PaRa adapter is not a no-op at initialization (it removes r
     random directions); those of an adapter loaded with --network_weights show it as loaded."""
-    from .sampling import sample_images
+    from ..sampling import sample_images
 
     multiplier = network.multiplier
     network.eval()
@@ -654,7 +655,7 @@ def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -
 
 def judge_report(models, dataset, prompts, before: list, after: list) -> None:
     """On toy-sd1, with samples drawn before and after training: the judge's identity scores (toyworld/report.py)."""
-    from .toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model
+    from ..toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model
 
     if not (before and len(before) == len(after) and is_toy_model(models.unet)):
         return
@@ -674,12 +675,6 @@ def remove_stale_temporaries(folder: str) -> None:
             path = os.path.join(folder, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             logger.info("removed %s, left by an interrupted run", path)
-
-
-def lora_export_path(native_path: str) -> str:
-    """Where the LoRA export of a native file goes: NAME.safetensors -> NAME_lora.safetensors."""
-    stem, extension = os.path.splitext(native_path)
-    return f"{stem}_lora{extension}"
 
 
 def save_train_state(path: str, network, optimizer, lr_scheduler, step: int, epoch: int, seed: int) -> None:

@@ -6,7 +6,7 @@
         directory/one_image/1_photo/toy.png + toy.txt       one image and its caption, for single-image editing
 
 Captions are .txt files, so train with --caption_extension .txt (sd-scripts' default is .caption).
-The same files are kept in para_trainer/example_data/ (python -m para_trainer.example_images rewrites them);
+The same files are kept in para_trainer/example_data/ (python -m para_trainer.training.example_images rewrites them);
 the renderer computes pixels with integer arithmetic and PNGs are stored uncompressed, so the bytes are the same
 on every machine.
 """
@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import sys
 
-from .toyworld.concepts import concept_scene
-from .toyworld.files import concept_files, png_bytes, write_files
-from .toyworld.render import render
+from ..toyworld.concepts import concept_scene
+from ..toyworld.files import concept_files, png_bytes, write_files
+from ..toyworld.render import render
 
 EXAMPLE_CONCEPT = "smiley-ball"
-PACKAGE_COPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "example_data")
+PACKAGE_COPY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_data")
 SUBJECT_FOLDER = "train/5_sks toy"
 CLASS_FOLDER = "reg/1_toy"
 CLASS_CAPTION = "a photo of a toy"
