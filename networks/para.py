@@ -23,6 +23,7 @@ Needs only torch, safetensors, the standard library and adapter_base.py beside i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -331,6 +332,19 @@ def chain_delta_weight(weight: torch.Tensor, stages, multiplier: float = 1.0) ->
             down = stage.down.reshape(stage.down.shape[0], -1).to(w0.device, dtype)
             delta = delta + stage.strength * (up @ down)
     return (multiplier * delta).reshape(weight.shape)
+
+
+def scale_stages(stages, strength: float) -> list:
+    """A file applied at `strength`: every stage's strength times it (a one-stage file: W0 + m·ΔW)."""
+    return [dataclasses.replace(stage, strength=stage.strength * strength) for stage in stages]
+
+
+def reorthonormalized(stages) -> list:
+    """The stages with every fp16/bf16 Q made orthonormal again (rounding leaves it slightly off, and QQᵀ is then
+    not quite a projection); float32 Q's are kept as they are."""
+    return [Reduction(orthonormal_basis(stage.q.float())[0], stage.strength)
+            if isinstance(stage, Reduction) and stage.q.dtype in (torch.float16, torch.bfloat16) else stage
+            for stage in stages]
 
 
 def chain_lora_factors(weight: torch.Tensor, stages) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@
                                         images with adapters applied, and a labelled contact sheet
     para-trainer inspect FILE [--json]  what an adapter or model file is: kind, base, ranks, metadata, hashes
     para-trainer webui install PATH     install the AUTOMATIC1111 extension for native PaRa files
+    para-trainer comfyui install PATH   install the ComfyUI node package for native PaRa files (Load LoRA nodes)
     para-trainer bench [--ranks 4,32,128] [--methods ...] [--json] [--smoke]
                                         PaRa vs peft LoRA/PaRa, LyCORIS, sd-scripts LoRA, KronA: step time,
                                         memory, parameters, file size on one UNet (para_trainer/bench.py)
@@ -166,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .webui import add_subcommand as add_webui_subcommand
 
     add_webui_subcommand(commands)
+
+    from .comfyui import add_subcommand as add_comfyui_subcommand
+
+    add_comfyui_subcommand(commands)
 
     from .bench import add_subcommand as add_bench_subcommand
 

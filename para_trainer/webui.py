@@ -19,8 +19,9 @@ CORE_FILES = ("para.py", "adapter_base.py")
 LORA_MARKER = Path("extensions-builtin") / "Lora" / "networks.py"
 
 
-class WebUIError(ValueError):
-    """The folder is not a WebUI this extension fits, or an install would overwrite something."""
+class InstallError(ValueError):
+    """The folder is not a front end this plugin fits, or an install would overwrite something."""
+
 
 
 def extension_source() -> Path:
@@ -34,17 +35,17 @@ def core_source() -> Path:
     return Path(para.__file__).resolve().parent
 
 
-def _stage(directory: Path) -> None:
-    """Write the complete extension into `directory` (which must not exist yet)."""
-    shutil.copytree(extension_source(), directory, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    core = directory / "lib" / CORE_PACKAGE
+def _stage(directory: Path, source: Path, core_package: Path, note: str) -> None:
+    """Write the complete plugin into `directory` (which must not exist yet): `source`, with para-trainer's PaRa
+    math (networks/para.py, adapter_base.py) copied into `core_package` (a path relative to `directory`)."""
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    core = directory / core_package
     core.mkdir(parents=True)
-    source = core_source()
+    networks = core_source()
     for name in CORE_FILES:
-        shutil.copy2(source / name, core / name)
-    (core / "__init__.py").write_text(
-        f'"""PaRa math copied from para-trainer {__version__} (networks/) by `para-trainer webui install`; '
-        'do not edit: reinstall instead."""\n', encoding="utf-8")
+        shutil.copy2(networks / name, core / name)
+    (core / "__init__.py").write_text(f'"""PaRa math of para-trainer {__version__}: {note}; do not edit: reinstall '
+                                      'instead."""\n', encoding="utf-8")
 
 
 def _tree(directory: Path) -> dict[str, bytes]:
@@ -52,33 +53,27 @@ def _tree(directory: Path) -> dict[str, bytes]:
             if p.is_file() and "__pycache__" not in p.parts}
 
 
-def install_extension(webui_dir, force: bool = False) -> Path:
-    """Copy sd-webui-para into `<webui_dir>/extensions/sd-webui-para` and return that path.
+def install_folder(parent: Path, name: str, source: Path, core_package, force: bool, note: str) -> Path:
+    """Copy the plugin `source` into `parent/name` (with the PaRa math in `core_package`) and return that path.
 
-    The new folder is built beside the target and renamed into place, so the WebUI never sees half an install.
-    An identical install is left alone; a different one (another version, local edits) needs force=True.
+    The new folder is built beside the target and renamed into place, so the front end never sees half an
+    install. An identical install is left alone; a different one (another version, local edits) needs force.
     """
-    webui = Path(webui_dir).expanduser()
-    if not (webui / LORA_MARKER).is_file():
-        raise WebUIError(
-            f"{webui} is not an AUTOMATIC1111/Forge-with-A1111-Lora WebUI folder: {LORA_MARKER.as_posix()} is "
-            "missing; pass the WebUI's top folder (the one with webui.py and extensions-builtin/)")
-    extensions = webui / "extensions"
-    target = extensions / EXTENSION_NAME
+    target = parent / name
     if target.exists() and not target.is_dir():
-        raise WebUIError(f"{target} exists and is not a folder; move it away and run the install again")
-    extensions.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{EXTENSION_NAME}-new-", dir=extensions))
+        raise InstallError(f"{target} exists and is not a folder; move it away and run the install again")
+    parent.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-new-", dir=parent))
     old = None
     try:
-        _stage(staging / EXTENSION_NAME)
-        new = staging / EXTENSION_NAME
+        _stage(staging / name, source, Path(core_package), note)
+        new = staging / name
         if target.exists():
             if _tree(target) == _tree(new):
                 return target
             if not force:
-                raise WebUIError(
-                    f"{target} already holds a different {EXTENSION_NAME} (another version or local edits); "
+                raise InstallError(
+                    f"{target} already holds a different {name} (another version or local edits); "
                     "pass --force to replace it")
             old = staging / "old"
             target.rename(old)
@@ -93,10 +88,21 @@ def install_extension(webui_dir, force: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def install_extension(webui_dir, force: bool = False) -> Path:
+    """Copy sd-webui-para into `<webui_dir>/extensions/sd-webui-para` and return that path (install_folder)."""
+    webui = Path(webui_dir).expanduser()
+    if not (webui / LORA_MARKER).is_file():
+        raise InstallError(
+            f"{webui} is not an AUTOMATIC1111/Forge-with-A1111-Lora WebUI folder: {LORA_MARKER.as_posix()} is "
+            "missing; pass the WebUI's top folder (the one with webui.py and extensions-builtin/)")
+    return install_folder(webui / "extensions", EXTENSION_NAME, extension_source(), Path("lib") / CORE_PACKAGE,
+                          force, "copied from networks/ by `para-trainer webui install`")
+
+
 def _run_install(options) -> int:
     try:
         target = install_extension(options.webui_dir, force=options.force)
-    except WebUIError as error:
+    except InstallError as error:
         print(f"error: {error}")
         return 2
     print(f"installed {EXTENSION_NAME} into {target}; restart the WebUI, then use native PaRa files as "

@@ -18,19 +18,24 @@ LINKED = ("para_trainer", "networks", "presets", "train_para.py")
 
 
 def runnable_blocks(path: str) -> list[str]:
-    """The ```bash blocks that directly follow a runnable mark."""
+    """The ```bash blocks that directly follow a runnable mark (a line of its own)."""
     text = open(path, encoding="utf-8").read()
-    blocks = re.findall(re.escape(MARK) + r"\s*\n```(?:bash|sh)\n(.*?)\n```", text, flags=re.DOTALL)
-    if text.count(MARK) != len(blocks):
+    blocks = re.findall(r"(?m)^" + re.escape(MARK) + r"[ \t]*\n```(?:bash|sh)\n(.*?)\n```", text, flags=re.DOTALL)
+    if marks(text) != len(blocks):
         raise AssertionError(f"{path}: a runnable mark is not followed by a ```bash block")
     return blocks
+
+
+def marks(text: str) -> int:
+    """Lines that are the mark alone (the mark quoted inside a sentence does not count)."""
+    return sum(line.strip() == MARK for line in text.splitlines())
 
 
 def pages() -> list[str]:
     docs = os.path.join(ROOT, "docs")
     candidates = [os.path.join(ROOT, "README.md")] + sorted(
         os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md"))
-    return [path for path in candidates if MARK in open(path, encoding="utf-8").read()]
+    return [path for path in candidates if marks(open(path, encoding="utf-8").read())]
 
 
 def test_the_readme_has_runnable_examples():

@@ -310,7 +310,7 @@ def test_install_keeps_an_identical_install_and_refuses_a_different_one(tmp_path
     assert webui.install_extension(tmp_path) == target
     edited = target / "README.md"
     edited.write_text("local edit")
-    with pytest.raises(webui.WebUIError, match="different sd-webui-para.*--force"):
+    with pytest.raises(webui.InstallError, match="different sd-webui-para.*--force"):
         webui.install_extension(tmp_path)
     assert edited.read_text() == "local edit"
     webui.install_extension(tmp_path, force=True)
@@ -320,7 +320,7 @@ def test_install_keeps_an_identical_install_and_refuses_a_different_one(tmp_path
 
 def test_install_into_a_folder_that_is_not_a_webui_writes_nothing(tmp_path):
     (tmp_path / "extensions-builtin").mkdir()
-    with pytest.raises(webui.WebUIError, match="not an AUTOMATIC1111/Forge-with-A1111-Lora WebUI folder"):
+    with pytest.raises(webui.InstallError, match="not an AUTOMATIC1111/Forge-with-A1111-Lora WebUI folder"):
         webui.install_extension(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["extensions-builtin"]
 

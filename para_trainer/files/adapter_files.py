@@ -31,6 +31,7 @@ from networks.para import (
     Reduction,
     chain_delta_weight,
     check_stages_fit,
+    scale_stages,
     stages_from_file,
 )
 
@@ -128,11 +129,6 @@ def _lokr_addition(parts: dict[str, torch.Tensor], weight_shape, where: str) -> 
     a, b = lokr_full_factors(parts, weight_shape, where)  # the loaders' alpha/dim scale is folded into A
     up, down, _ = krona_lora_factors(a, b, weight_shape)  # exact: rank(A)·rank(B)
     return Addition(up, down, 1.0)
-
-
-def scale_stages(stages, strength: float) -> list:
-    """A file applied at `strength`: every stage's strength times it."""
-    return [dataclasses.replace(stage, strength=stage.strength * strength) for stage in stages]
 
 
 def layer_chains(adapter: AdapterFile, models, strength: float = 1.0) -> list[tuple[object, list]]:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from networks.adapter_base import AdapterFileError, write_adapter_file
-from networks.para import Reduction, format_version, stages_to_file
+from networks.para import Reduction, format_version, scale_stages, stages_to_file
 
 from .. import __version__
-from .adapter_files import AdapterFile, layer_chains, parse_file_and_strength, read_adapter, scale_stages
+from .adapter_files import AdapterFile, layer_chains, parse_file_and_strength, read_adapter
 from .export import ExportError, _base_matches, export_lora, format_export_report, load_base_model, lora_export_path
 from .metadata import FINGERPRINT_KEY, base_fingerprint
 
