@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .webui import InstallError, install_folder
+from .webui import InstallError, add_install_command, install_folder
 
 NODE_NAME = "ComfyUI-PaRa"
 CORE_PACKAGE = "para_core"  # must match the node's `from .para_core.para import ...`
@@ -33,22 +33,9 @@ def install_node(comfyui_dir, force: bool = False) -> Path:
                           "copied from networks/ by `para-trainer comfyui install`")
 
 
-def _run_install(options) -> int:
-    try:
-        target = install_node(options.comfyui_dir, force=options.force)
-    except InstallError as error:
-        print(f"error: {error}")
-        return 2
-    print(f"installed {NODE_NAME} into {target}; restart ComfyUI, then load native PaRa files with the Load LoRA "
-          "node, as any LoRA")
-    return 0
-
-
 def add_subcommand(commands) -> None:
     """`comfyui install PATH [--force]` on the CLI's subparsers (argparse)."""
-    comfyui = commands.add_parser("comfyui", help="the ComfyUI custom node package for native PaRa files")
-    actions = comfyui.add_subparsers(dest="comfyui_command", required=True)
-    install = actions.add_parser("install", help="install ComfyUI-PaRa into a ComfyUI folder")
-    install.add_argument("comfyui_dir", metavar="PATH", help="ComfyUI's top folder (holds comfy/ and custom_nodes/)")
-    install.add_argument("--force", action="store_true", help="replace a different existing install")
-    install.set_defaults(run=_run_install)
+    add_install_command(commands, "comfyui", "ComfyUI custom node package", install_node,
+                        "ComfyUI's top folder (holds comfy/ and custom_nodes/)",
+                        f"installed {NODE_NAME} into {{target}}; restart ComfyUI, then load native PaRa files with "
+                        "the Load LoRA node, as any LoRA")

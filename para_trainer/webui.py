@@ -8,6 +8,7 @@ networks/adapter_base.py into the extension's lib/sd_webui_para_core/, so the We
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -99,22 +100,30 @@ def install_extension(webui_dir, force: bool = False) -> Path:
                           force, "copied from networks/ by `para-trainer webui install`")
 
 
-def _run_install(options) -> int:
-    try:
-        target = install_extension(options.webui_dir, force=options.force)
-    except InstallError as error:
-        print(f"error: {error}")
-        return 2
-    print(f"installed {EXTENSION_NAME} into {target}; restart the WebUI, then use native PaRa files as "
-          "<lora:NAME:multiplier>")
-    return 0
+def add_install_command(commands, command: str, what: str, install, folder_help: str, done: str) -> None:
+    """`COMMAND install PATH [--force]` on the CLI's subparsers: `install(path, force)` returns the installed
+    folder; an InstallError is one line and exit status 2; `done` (with {target}) is printed after."""
+
+    def run(options) -> int:
+        try:
+            target = install(options.folder, force=options.force)
+        except InstallError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(done.format(target=target))
+        return 0
+
+    parser = commands.add_parser(command, help=f"the {what} for native PaRa files")
+    actions = parser.add_subparsers(dest=f"{command}_command", required=True)
+    install_parser = actions.add_parser("install", help=f"install the {what} into a folder")
+    install_parser.add_argument("folder", metavar="PATH", help=folder_help)
+    install_parser.add_argument("--force", action="store_true", help="replace a different existing install")
+    install_parser.set_defaults(run=run)
 
 
 def add_subcommand(commands) -> None:
     """`webui install PATH [--force]` on the CLI's subparsers (argparse)."""
-    webui = commands.add_parser("webui", help="the AUTOMATIC1111 WebUI extension for native PaRa files")
-    actions = webui.add_subparsers(dest="webui_command", required=True)
-    install = actions.add_parser("install", help="install sd-webui-para into a WebUI folder")
-    install.add_argument("webui_dir", metavar="PATH", help="the WebUI's top folder (holds extensions-builtin/)")
-    install.add_argument("--force", action="store_true", help="replace a different existing install")
-    install.set_defaults(run=_run_install)
+    add_install_command(commands, "webui", "AUTOMATIC1111 WebUI extension", install_extension,
+                        "the WebUI's top folder (holds extensions-builtin/)",
+                        f"installed {EXTENSION_NAME} into {{target}}; restart the WebUI, then use native PaRa files "
+                        "as <lora:NAME:multiplier>")

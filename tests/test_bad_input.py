@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from para_trainer import cli
 from para_trainer.training.train import main as train_main
+
+from commands import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "para_trainer", "example_data")
@@ -28,14 +29,6 @@ def train_args(out, *extra, steps=2, data=os.path.join(DATA, "train"), model="bu
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", str(data), "--caption_extension", ".txt",
             "--resolution", "64", "--output_dir", str(out), "--output_name", "run", "--network_dim", "2",
             "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--seed", "7", *map(str, extra)]
-
-
-def run_cli(*argv) -> int:
-    try:
-        cli.main([str(a) for a in argv])
-    except SystemExit as stop:
-        return stop.code
-    return 0
 
 
 def error_line(capsys) -> str:

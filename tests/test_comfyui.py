@@ -12,21 +12,14 @@ import pytest
 from safetensors.torch import load_file
 
 from networks.adapter_base import named_layers
-from para_trainer import cli
 from para_trainer.models import load_models
 from para_trainer.training.train import main as train_main
+
+from commands import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "para_trainer", "example_data", "train")
 STANDIN = os.path.join(ROOT, "tests", "comfy_standin", "comfy")
-
-
-def run_cli(*argv) -> int:
-    try:
-        cli.main([str(a) for a in argv])
-    except SystemExit as stop:
-        return stop.code
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +92,11 @@ def relative_error(got, expected):
 
 def test_install_checks_the_folder_and_never_overwrites_silently(comfyui, tmp_path, capsys):
     assert run_cli("comfyui", "install", tmp_path / "nothing") == 2
-    assert "is not a ComfyUI folder: comfy/ is missing" in capsys.readouterr().out
+    assert "is not a ComfyUI folder: comfy/ is missing" in capsys.readouterr().err
     old = tmp_path / "old"
     (old / "comfy").mkdir(parents=True)
     assert run_cli("comfyui", "install", old) == 2
-    assert "has no comfy/weight_adapter/" in capsys.readouterr().out
+    assert "has no comfy/weight_adapter/" in capsys.readouterr().err
     assert run_cli("comfyui", "install", comfyui) == 0
     node = comfyui / "custom_nodes" / "ComfyUI-PaRa"
     assert (node / "__init__.py").is_file() and (node / "para_core" / "para.py").is_file()
@@ -111,7 +104,7 @@ def test_install_checks_the_folder_and_never_overwrites_silently(comfyui, tmp_pa
     assert run_cli("comfyui", "install", comfyui) == 0  # the same install again: nothing to do
     (node / "__init__.py").write_text("# edited\n")
     assert run_cli("comfyui", "install", comfyui) == 2
-    assert "pass --force" in capsys.readouterr().out
+    assert "pass --force" in capsys.readouterr().err
     assert run_cli("comfyui", "install", comfyui, "--force") == 0
     assert "# edited" not in (node / "__init__.py").read_text()
 

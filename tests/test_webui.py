@@ -333,4 +333,4 @@ def test_cli_subcommand(tmp_path, capsys):
     assert (tmp_path / "extensions" / "sd-webui-para" / SCRIPT).is_file()
     options = parser.parse_args(["webui", "install", str(tmp_path / "nowhere")])
     assert options.run(options) == 2
-    assert "not an AUTOMATIC1111" in capsys.readouterr().out
+    assert "not an AUTOMATIC1111" in capsys.readouterr().err
