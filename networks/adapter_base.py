@@ -590,14 +590,14 @@ class AdapterNetwork(nn.Module):
         another model (almost none of its modules has a layer in this network)."""
         kinds = {module_kind_of_parts(parts) for parts in groups.values()} - {"unknown"}
         if not kinds:
-            keys = ", ".join(sorted(groups)[:3])
-            raise AdapterFileError(f"{file} holds no adapter modules (its keys: {keys}{', ...' if len(groups) > 3 else ''})"
-                                   "; give a file this network wrote")
+            keys = ", ".join(sorted(groups)[:3]) + (", ..." if len(groups) > 3 else "")
+            raise AdapterFileError(f"{file} holds no adapter modules (its keys: {keys}); give a file this network "
+                                   "wrote")
         if self.file_kinds and not kinds & set(self.file_kinds):
             raise AdapterFileError(
                 f"{file} is a {', '.join(sorted(kinds))} file; {self.network_module} continues training only from "
-                f"its own {self.file_kinds[0]} files. To start from it, bake it into the base model (para-trainer export "
-                "FILE --to merged --model BASE -o MERGED.safetensors) and train on that")
+                f"its own {self.file_kinds[0]} files. To start from it, bake it into the base model (para-trainer "
+                "export FILE --to merged --model BASE -o MERGED.safetensors) and train on that")
         names = {m.lora_name for m in self.adapter_modules}
         matched = len(set(groups) & names)
         if groups and matched * 10 < len(groups):  # nothing or almost nothing in common

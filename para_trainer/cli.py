@@ -42,15 +42,13 @@ import sys
 
 def _refuse_path_under_file(path: str, what: str) -> bool:
     """Print one line and return True when `path` cannot be written because a part of it is a file."""
-    from .sample_command import SamplingError, check_folder_path
+    from .paths import file_in_the_way
 
-    target = path if not path.endswith((".safetensors", ".ckpt")) else os.path.dirname(path) or "."
-    try:
-        check_folder_path(target, what)
-    except SamplingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return True
-    return False
+    folder = os.path.dirname(path) or "." if path.endswith((".safetensors", ".ckpt")) else path
+    blocking = file_in_the_way(folder)
+    if blocking:
+        print(f"error: {what} {path}: {blocking} is a file, not a folder; choose another path", file=sys.stderr)
+    return bool(blocking)
 
 
 def _tiny_model(options) -> int:

@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 from networks.adapter_base import AdapterFileError
 
 from .files.adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
+from .paths import file_in_the_way
 from .sampling import SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file
 
 SHEET_NAME = "contact_sheet.png"
@@ -112,11 +113,9 @@ def sample(models, networks: list[tuple[AdapterFile, float]], prompts: list[Samp
 
 def check_folder_path(path: str, option: str) -> None:
     """SamplingError when a folder cannot be made at `path` because a part of it is a file."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise SamplingError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+    blocking = file_in_the_way(path)
+    if blocking:
+        raise SamplingError(f"{option} {path}: {blocking} is a file, not a folder; choose another path")
 
 
 def check_device(device: str | None) -> None:

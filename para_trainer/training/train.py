@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..files import metadata as file_metadata
 from ..files.export import lora_export_path
 from ..models import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
+from ..paths import file_in_the_way
 from .args import ArgsError, parse_args
 from .data import DataError, TrainDataset, load_blueprints
 from .optimizers import OptimizerError, build_optimizer
@@ -104,11 +105,9 @@ def check_settings(args) -> None:
                              "--sdpa") from None
     if not args.output_dir:
         raise TrainError("--output_dir is required: where the adapter, samples and log go")
-    existing = os.path.abspath(args.output_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise TrainError(f"--output_dir {args.output_dir}: {existing} is a file, not a folder; choose another "
+    blocking = file_in_the_way(args.output_dir)
+    if blocking:
+        raise TrainError(f"--output_dir {args.output_dir}: {blocking} is a file, not a folder; choose another "
                          "--output_dir")
     if args.resume and not os.path.isfile(os.path.join(args.resume, "train_state.json")):
         raise TrainError(f"--resume {args.resume}: not a state folder written by --save_state (no train_state.json)")
