@@ -24,8 +24,6 @@ import logging
 import os
 import sys
 
-import torch
-
 logger = logging.getLogger("sd-webui-para")
 
 EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +62,7 @@ def _find_core_directory() -> str:
 _core = _load_core_from(_find_core_directory())
 chain_delta_weight = _core.chain_delta_weight
 stages_from_file = _core.stages_from_file
-orthonormal_basis = _core.orthonormal_basis
+reorthonormalized = _core.reorthonormalized
 Reduction = _core.Reduction
 Q_KEY = _core.Q_KEY
 
@@ -106,17 +104,11 @@ class NetworkModulePara(network.NetworkModule):
     def __init__(self, net, weights):
         super().__init__(net, weights)
         stages = stages_from_file(weights.w, f"sd-webui-para: {weights.network_key}")
-        self.stages = []
         for stage in stages:
-            if isinstance(stage, Reduction):
-                q = stage.q
-                if q.dim() != 2 or q.shape[1] >= q.shape[0]:
-                    raise ValueError(f"sd-webui-para: {weights.network_key} has Q of shape {tuple(q.shape)}; "
-                                     "a PaRa basis is (d_out, r) with r < d_out")
-                if q.dtype not in (torch.float32, torch.float64):
-                    # fp16/bf16 files: rounding leaves Q slightly off orthonormal; QR makes it a projection again.
-                    stage = Reduction(orthonormal_basis(q.float())[0], stage.strength)
-            self.stages.append(stage)
+            if isinstance(stage, Reduction) and (stage.q.dim() != 2 or stage.q.shape[1] >= stage.q.shape[0]):
+                raise ValueError(f"sd-webui-para: {weights.network_key} has Q of shape {tuple(stage.q.shape)}; "
+                                 "a PaRa basis is (d_out, r) with r < d_out")
+        self.stages = reorthonormalized(stages)  # fp16/bf16 files: QR makes each Q a projection again
 
     def calc_updown(self, orig_weight):
         out_features = orig_weight.shape[0]
