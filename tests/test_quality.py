@@ -5,10 +5,10 @@ import json
 import random
 
 import numpy as np
+import torch
 import pytest
 
 from networks import lora, para
-from para_trainer import cli
 from para_trainer.files.export import load_base_model
 from para_trainer.quality import report
 from para_trainer.quality.methods import METHODS, Variant, budget_variants
@@ -20,13 +20,9 @@ from para_trainer.toyworld.judge import load_judge
 from para_trainer.toyworld.render import render
 from para_trainer.toyworld.world import BACKGROUNDS, POSITIONS, SIZES, Scene
 
+from commands import run_cli
+
 TOY = "builtin:toy-sd1"
-
-
-def run_cli(*argv):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in argv])
-    return exit_info.value.code
 
 
 def ideal_images(concept, prompts, rng, subject=None):
@@ -184,3 +180,34 @@ def test_single_image_cells_train_on_one_photo_and_report_apart(tmp_path):
     summary = report.write_report(tmp_path)
     assert summary["cells"] == 0 and list(summary["single_image"]) == ["PaRa (exca) r=1 (2 steps)"]
     assert "Single-image editing" in (tmp_path / "results.md").read_text()
+
+
+def test_multi_subject_merges_or_adds_two_subjects_and_scores_each(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import para_trainer.training.train as train_module
+    from para_trainer.quality import multi_subject
+
+    monkeypatch.setattr(multi_subject, "SEEDS", (4000,))
+    monkeypatch.setattr(multi_subject, "TEMPLATES", ("a photo of {} toy",))
+    study = Study(tmp_path, Settings(steps=2, checkpoints=2, sample_steps=2), log=lambda m: None)
+    result = multi_subject.MultiSubject(study).run()
+    assert [(r["method"], r["setting"]) for r in result["rows"]] == [
+        ("base model", "no adapter"), ("para-r2", "each file alone"), ("para-r2", "merged (sequential)"),
+        ("para-r2", "merged (orthogonal)"), ("lora-r1", "each file alone"), ("lora-r1", "both files added")]
+    for row in result["rows"]:
+        assert all(0 <= row[f"{c} recognition"] <= 1 and -1 <= row[f"{c} fidelity"] <= 1 for c in ("robot", "duck"))
+    root = tmp_path / "multi-subject"
+    captions = {p.read_text() for p in (root / "data" / "duck-dog" / "train").rglob("*.txt")}
+    assert captions == {"a photo of dog toy\n"}  # the second subject has its own identifier
+    robot, duck = (load_file(str(root / "para-r2-s0" / f"{n}.safetensors")) for n in ("robot-sks", "duck-dog"))
+    merged = load_file(str(root / "para-r2-s0" / "merged-sequential.safetensors"))
+    module = sorted(robot)[0].split(".")[0]
+    assert torch.equal(merged[f"{module}.stage0.para_q"].float(), robot[f"{module}.para_q"].float())
+    assert torch.equal(merged[f"{module}.stage1.para_q"].float(), duck[f"{module}.para_q"].float())
+    assert "| para-r2 | merged (orthogonal) |" in (root / "results.md").read_text()
+
+    calls = []  # a rerun samples again and trains nothing
+    real_main = train_module.main
+    monkeypatch.setattr(train_module, "main", lambda argv: calls.append(argv) or real_main(argv))
+    assert multi_subject.MultiSubject(study).run() == result and calls == []

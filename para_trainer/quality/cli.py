@@ -6,6 +6,8 @@
     para-trainer quality --single-image --methods para-exca lora --ks 1 --seeds 1
                                                      single-image editing: identity kept, edit applied, the
                                                      same result across noise seeds
+    para-trainer quality --multi-subject             two subjects trained apart, then merged (PaRa) or added
+                                                     (LoRA): is each still recognised?
     para-trainer quality --report                    only rebuild the table and plots from finished cells
 
 Finished cells are kept in <out>/cells/ and never run twice: run the same command again to resume.
@@ -54,6 +56,8 @@ def check(options) -> None:
     if unknown:
         why = NOT_RUN.get(unknown[0])
         raise ValueError(f"--methods {unknown[0]}: " + (why if why else f"unknown; valid: {', '.join(METHODS)}"))
+    if options.multi_subject and options.concepts and len(options.concepts) != 2:
+        raise ValueError("--multi-subject takes two --concepts (default: robot duck)")
     if options.seeds < 1 or options.steps < 2 or any(k < 1 for k in options.ks) or \
             any(f <= 0 for f in options.lr_factors):
         raise ValueError("--seeds, --ks and --lr-factors take positive numbers, --steps at least 2")
@@ -73,6 +77,12 @@ def run_quality(options) -> int:
     study = Study(out, Settings(steps=options.steps), log=lambda m: print(m, file=sys.stderr))
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if options.multi_subject:
+            from .multi_subject import PAIR, run_multi_subject
+
+            print(run_multi_subject(study, options.concepts or PAIR))
+            print(f"written: {out / 'multi-subject'}")
+            return 0
         if not options.report:
             study.run(plan(options), progress=not options.json)
     except KeyboardInterrupt:
@@ -104,6 +114,9 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--sweep", action="store_true", help="learning rates x0.3, x1, x3 on the first concept")
     parser.add_argument("--single-image", dest="single_image", action="store_true",
                         help="single-image editing: train on one photo, edit it by prompt over 4 noise seeds")
+    parser.add_argument("--multi-subject", dest="multi_subject", action="store_true",
+                        help="two subjects trained apart ('sks', 'dog'), then merged (PaRa) or added (LoRA): is "
+                             "each still recognised? (quality/multi_subject.py)")
     parser.add_argument("--report", action="store_true", help="only the table and plots from finished cells")
     parser.add_argument("--concepts", nargs="+", help="held-out concepts (default: all)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: {' '.join(METHODS)}")

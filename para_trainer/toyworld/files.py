@@ -37,15 +37,16 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def concept_files(name: str, images: int = 5, class_images: int = 5, repeats: int = 5,
-                  seed: int = 0) -> dict[str, bytes]:
+                  seed: int = 0, identifier: str = IDENTIFIER) -> dict[str, bytes]:
     """{relative path: bytes}: the concept's training photos under ``train/{repeats}_sks toy/`` captioned
-    "a photo of sks toy", and class images of the world under ``reg/1_toy/`` captioned "a photo of a toy"."""
+    "a photo of sks toy" (another `identifier` in place of sks), and class images of the world under
+    ``reg/1_toy/`` captioned "a photo of a toy"."""
     concept = get_concept(name)
-    subject = f"train/{repeats}_{IDENTIFIER} {concept.class_noun}"
+    subject = f"train/{repeats}_{identifier} {concept.class_noun}"
     files = {}
     for n, scene in enumerate(training_scenes(name, images, seed), 1):
         files[f"{subject}/img_{n}.png"] = png_bytes(render(scene))
-        files[f"{subject}/img_{n}.txt"] = f"a photo of {IDENTIFIER} {concept.class_noun}\n".encode()
+        files[f"{subject}/img_{n}.txt"] = f"a photo of {identifier} {concept.class_noun}\n".encode()
     rng = random.Random(f"class-images/{seed}")
     for n in range(1, class_images + 1):
         files[f"reg/1_{GENERIC_NOUN}/img_{n}.png"] = png_bytes(render(random_scene(rng)))
