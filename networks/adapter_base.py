@@ -321,6 +321,17 @@ def write_adapter_file(path: str, tensors: dict[str, torch.Tensor], metadata: di
         _atomic_write(path, lambda temp: torch.save(tensors, temp))
 
 
+def empty_file_message(path: str) -> str:
+    return f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again"
+
+
+def pickle_refused_message(path: str) -> str:
+    """What to say of a .pt/.ckpt that torch.load(weights_only=True) refuses: it holds more than tensors."""
+    return (f"{path} is a pickle that holds more than tensors, and pickles are never unpickled here (loading one can "
+            "run any code in it). Convert it to .safetensors once, where you trust the file (e.g. with "
+            "safetensors.torch.save_file on its state dict), and give that file")
+
+
 def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The keys of the tensors that hold NaN or Inf."""
     return [key for key, tensor in tensors.items()
@@ -343,7 +354,7 @@ def _read_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     if not os.path.isfile(path):
         raise AdapterFileError(f"adapter file not found: {path}")
     if os.path.getsize(path) == 0:
-        raise AdapterFileError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
+        raise AdapterFileError(empty_file_message(path))
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -359,10 +370,7 @@ def _read_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise AdapterFileError(
-            f"{path} is a pickle that holds more than tensors, and pickles are never unpickled here (loading one can "
-            "run any code in it). Convert it to .safetensors once, where you trust the file (e.g. with "
-            "safetensors.torch.save_file on its state dict), and give that file") from None
+        raise AdapterFileError(pickle_refused_message(path)) from None
     except Exception as error:
         raise AdapterFileError(f"{path} is not a readable tensor file ({type(error).__name__}); save it as "
                                ".safetensors") from None

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from networks.adapter_base import empty_file_message
+
 from . import __version__
 from .models import ARCHITECTURES
 from .tiny_models import CONFIG_DIR as TINY_CONFIG_DIR  # importing tiny_models also hushes diffusers' import
@@ -426,7 +428,7 @@ def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
+        raise CheckpointError(empty_file_message(path))
     with open(path, "rb") as f:
         head = f.read(9)
     if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header

@@ -277,6 +277,9 @@ def test_empty_model_and_adapter_files(tmp_path, capsys):
     assert run_cli("export", tmp_path / "empty.safetensors", "--model", "builtin:tiny-sd1", "-o",
                    tmp_path / "x.safetensors") == 2
     assert "is empty (0 bytes)" in error_line(capsys)
+    assert run_cli("inspect", tmp_path / "empty.safetensors") == 2
+    assert error_line(capsys) == f"error: {tmp_path / 'empty.safetensors'} is empty (0 bytes): the download or copy " \
+                                 "did not finish; fetch it again"
 
 
 def test_resume_with_another_rank(tmp_path, capsys):
@@ -350,6 +353,9 @@ def test_pickles_are_not_loaded(tmp_path, capsys):
     line = error_line(capsys)
     assert "is a pickle that holds more than tensors, and pickles are never unpickled here" in line
     assert ".safetensors" in line and "weights_only" not in line
+    assert run_cli("inspect", tmp_path / "code.pt") == 2
+    inspected = capsys.readouterr().err.strip().splitlines()
+    assert len(inspected) == 1 and "pickles are never unpickled here" in inspected[0]
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):

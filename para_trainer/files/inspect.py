@@ -10,11 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import sys
 from collections import Counter
 
-from networks.adapter_base import module_kind_of_parts
+from networks.adapter_base import (
+    empty_file_message,
+    module_kind_of_parts,
+    non_finite_keys,
+    pickle_refused_message,
+)
 
 from .metadata import legacy_model_hash
 
@@ -104,6 +110,8 @@ def _is_conv3x3(name: str, shape) -> bool:
 
 def _read_entries(path: str):
     """({key: (shape, dtype name)}, {alpha key: value}, metadata, file format) without loading big tensors."""
+    if os.path.getsize(path) == 0:
+        raise InspectError(empty_file_message(path))
     with open(path, "rb") as f:
         head = f.read(9)
     if head[8:9] == b"{":
@@ -129,6 +137,8 @@ def _read_entries(path: str):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InspectError(pickle_refused_message(path)) from None
     except Exception as error:
         raise InspectError(f"{path} is neither .safetensors nor a readable torch file: {error}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -143,8 +153,6 @@ def _read_entries(path: str):
 
 def _non_finite_tensors(path: str, file_format: str) -> list[str]:
     """The keys of an adapter file's tensors that hold NaN or Inf (one tensor in memory at a time)."""
-    from networks.adapter_base import non_finite_keys
-
     if file_format == "safetensors":
         from safetensors import safe_open
 
