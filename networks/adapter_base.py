@@ -79,10 +79,93 @@ PRESETS = {
 }
 
 
+class StackedLinear:
+    """Several Linear layers that read the same input, seen as one layer whose outputs are theirs stacked.
+
+    FLUX's fused layers are split in diffusers: BFL's `img_attn.qkv` is `attn.to_q`, `to_k`, `to_v`, and a single
+    block's `linear1` is those three plus `proj_mlp`. An adapter keyed on the fused layer acts on this view, so a
+    file means the same on either layout. `weight` and `bias` are the parts' stacked (read-only copies: write with
+    `set_layer_weight`). Once hooked, the first part called computes the adapted stacked output once and each part
+    returns its rows of it; the next call with another input computes afresh.
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        if any(part.__class__.__name__ != "Linear" for part in parts):
+            raise TypeError("StackedLinear stacks Linear layers only")
+        if len({part.weight.shape[1] for part in parts}) != 1:
+            raise ValueError("stacked layers must read inputs of one size")
+        self.parts = tuple(parts)
+        self.sizes = tuple(part.weight.shape[0] for part in parts)
+        self._originals = None
+        self._served: tuple | None = None  # (input, its version, stacked output, parts served)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([part.weight for part in self.parts])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if all(part.bias is None for part in self.parts):
+            return None
+        return torch.cat([part.bias if part.bias is not None else part.weight.new_zeros(size)
+                          for part, size in zip(self.parts, self.sizes)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        forwards = self._originals or [part.forward for part in self.parts]
+        return torch.cat([forward(x) for forward in forwards], dim=-1)
+
+    __call__ = forward
+
+    def hook(self, adapted_forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._originals = [part.forward for part in self.parts]
+        for index, part in enumerate(self.parts):
+            part.forward = lambda x, index=index: self._serve(index, x, adapted_forward)
+
+    def unhook(self) -> None:
+        for part, original in zip(self.parts, self._originals or []):
+            if getattr(original, "__self__", None) is part and original.__func__ is type(part).forward:
+                del part.forward
+            else:
+                part.forward = original
+        self._originals = None
+        self._served = None
+
+    def _serve(self, index: int, x: torch.Tensor, adapted_forward) -> torch.Tensor:
+        served = self._served
+        if served is None or served[0] is not x or served[1] != x._version or index in served[3]:
+            served = self._served = (x, x._version, adapted_forward(x), set())
+        served[3].add(index)
+        if len(served[3]) == len(self.parts):
+            self._served = None  # every part has its rows: hold no activations
+        start = sum(self.sizes[:index])
+        return served[2][..., start:start + self.sizes[index]]
+
+
+def layer_weights(layer) -> list[tuple[torch.Tensor, slice]]:
+    """(weight parameter, its rows in the layer's weight) for a Linear/Conv2d or each part of a StackedLinear."""
+    if isinstance(layer, StackedLinear):
+        starts = [sum(layer.sizes[:i]) for i in range(len(layer.sizes))]
+        return [(part.weight, slice(start, start + size))
+                for part, start, size in zip(layer.parts, starts, layer.sizes)]
+    return [(layer.weight, slice(None))]
+
+
+def layer_key(layer) -> tuple[int, ...]:
+    """The same for every view of the same weights (a StackedLinear is built afresh by each lookup)."""
+    return tuple(id(weight) for weight, _ in layer_weights(layer))
+
+
+@torch.no_grad()
+def set_layer_weight(layer, value: torch.Tensor) -> None:
+    """Copy `value` (the layer's weight shape) into the layer's weight, or into each stacked part its rows."""
+    for weight, rows in layer_weights(layer):
+        weight.copy_(value[rows].to(weight.dtype))
+
+
 @dataclass(frozen=True)
 class TargetLayer:
     lora_name: str  # sd-scripts key, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    layer: nn.Module  # an nn.Linear or nn.Conv2d of the model
+    layer: nn.Module | StackedLinear  # an nn.Linear or nn.Conv2d of the model, or Linears stacked (FLUX)
     in_unet: bool
     text_encoder_index: int | None = None  # 1-based index for SDXL's two text encoders
 
@@ -100,14 +183,19 @@ def as_text_encoder_list(text_encoder) -> list[nn.Module]:
 
 
 def text_encoder_prefixes(text_encoders: list[nn.Module]) -> list[str]:
+    """lora_te (one encoder), lora_te1/lora_te2 (SDXL); FLUX's [CLIP-L, T5-XXL] are lora_te1 and lora_te3."""
     if len(text_encoders) == 1:
         return [TEXT_ENCODER_PREFIX]
-    return [f"{TEXT_ENCODER_PREFIX}{i + 1}" for i in range(len(text_encoders))]
+    return [f"{TEXT_ENCODER_PREFIX}{3 if is_t5(te) else i + 1}" for i, te in enumerate(text_encoders)]
+
+
+def is_t5(text_encoder: nn.Module) -> bool:
+    return text_encoder.__class__.__name__.startswith("T5")
 
 
 def text_encoder_module_path(text_encoder: nn.Module, path: str) -> str:
     # transformers 5's CLIPTextModel lost its `.text_model` level; keep the names every tool knows.
-    return path if hasattr(text_encoder, "text_model") else "text_model." + path
+    return path if hasattr(text_encoder, "text_model") or is_t5(text_encoder) else "text_model." + path
 
 
 _SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
@@ -153,6 +241,138 @@ def _unet_path_namer(unet: nn.Module) -> Callable[[str], str]:
     return lambda path: sdxl_unet_path_to_sgm(path, with_attention)
 
 
+# FLUX.1. sd-scripts' lora_flux names layers by the BFL model's paths (its own flux_models.Flux, as in the BFL
+# checkpoints): every Linear of the DoubleStreamBlock and SingleStreamBlock modules, and with in_dims the
+# embedders. diffusers' FluxTransformer2DModel splits BFL's fused layers; these tables give each BFL layer the
+# diffusers layers that make it up, in the order of their rows.
+FLUX_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock")
+FLUX_T5_BLOCKS = ("T5Attention", "T5DenseGatedActDense")
+FLUX_DOUBLE_LAYERS = {  # BFL path in double_blocks.N -> diffusers paths in transformer_blocks.N
+    "img_mod.lin": ("norm1.linear",),
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+}
+FLUX_SINGLE_LAYERS = {  # BFL path in single_blocks.N -> diffusers paths in single_transformer_blocks.N
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+FLUX_EMBEDDERS = {  # lora_flux's in_dims targets, in its order: img_in, time_in, vector_in, guidance_in, txt_in
+    "img_in": "x_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "txt_in": "context_embedder",
+}
+# final_layer.adaLN_modulation.1 is diffusers' norm_out.linear with its two output halves swapped (shift and
+# scale): no stack of whole layers expresses it, so it is not offered on the diffusers layout.
+
+
+def flux_layout(model: nn.Module | None) -> str | None:
+    """"bfl" (sd-scripts' and BFL's Flux), "diffusers" (FluxTransformer2DModel) or None (not FLUX)."""
+    if model is None:
+        return None
+    if hasattr(model, "double_blocks") and hasattr(model, "single_blocks"):
+        return "bfl"
+    if hasattr(model, "transformer_blocks") and hasattr(model, "single_transformer_blocks"):
+        return "diffusers"
+    return None
+
+
+def flux_layers(model: nn.Module, embedders: bool = True) -> list[tuple[str, str, nn.Module | StackedLinear]]:
+    """(BFL path, kind, layer) of every adaptable FLUX layer: kind "block" for the double/single blocks' Linears,
+    "embedder" for in_dims' layers. On diffusers a fused BFL layer is a StackedLinear of its parts."""
+    found = []
+    if flux_layout(model) == "bfl":
+        for path, module in model.named_modules():
+            if module.__class__.__name__ in FLUX_BLOCKS:
+                found += [(f"{path}.{child_path}", "block", child) for child_path, child in module.named_modules()
+                          if child.__class__.__name__ == "Linear"]
+        modules = dict(model.named_modules())
+        found += [(path, "embedder", modules[path]) for path in FLUX_EMBEDDERS if path in modules] if embedders else []
+        return found
+    modules = dict(model.named_modules())
+
+    def layer(paths):
+        parts = [modules[p] for p in paths]
+        return parts[0] if len(parts) == 1 else StackedLinear(parts)
+
+    for i in range(len(model.transformer_blocks)):
+        found += [(f"double_blocks.{i}.{bfl}", "block", layer([f"transformer_blocks.{i}.{p}" for p in paths]))
+                  for bfl, paths in FLUX_DOUBLE_LAYERS.items()]
+    for i in range(len(model.single_transformer_blocks)):
+        found += [(f"single_blocks.{i}.{bfl}", "block", layer([f"single_transformer_blocks.{i}.{p}" for p in paths]))
+                  for bfl, paths in FLUX_SINGLE_LAYERS.items()]
+    if embedders:
+        found += [(bfl, "embedder", modules[path]) for bfl, path in FLUX_EMBEDDERS.items() if path in modules]
+    return found
+
+
+# lora_flux's per-type ranks (network_args), matched on the sd-scripts key in this order, first match wins
+FLUX_TYPE_DIMS = (
+    ("img_attn_dim", lambda name: "img_attn" in name),
+    ("txt_attn_dim", lambda name: "txt_attn" in name),
+    ("img_mlp_dim", lambda name: "img_mlp" in name),
+    ("txt_mlp_dim", lambda name: "txt_mlp" in name),
+    ("img_mod_dim", lambda name: "img_mod" in name),
+    ("txt_mod_dim", lambda name: "txt_mod" in name),
+    ("single_dim", lambda name: "single_blocks" in name and "linear" in name),
+    ("single_mod_dim", lambda name: "modulation" in name),
+)
+FLUX_IN_DIMS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")  # in_dims' five values, in order
+
+
+@dataclass(frozen=True)
+class FluxTargets:
+    """lora_flux's choice of layers (its network_args), for any algorithm that gives each layer a rank."""
+
+    train_blocks: str = "all"  # "all", "double" or "single"
+    train_t5xxl: bool = False
+    type_dims: dict = None  # FLUX_TYPE_DIMS name -> rank (0: leave that type out)
+    in_dims: tuple | None = None  # five ranks for FLUX_IN_DIMS (0: leave out)
+    double_indices: frozenset | None = None  # None: every block
+    single_indices: frozenset | None = None
+
+
+def flux_block_index(name: str) -> int:
+    return int(name.split("_")[4])  # lora_unet_double_blocks_N_...
+
+
+def select_flux_layers(text_encoder, flux, targets: FluxTargets, rank: int, with_text_encoder: bool = True,
+                       include: str | None = None, exclude: str | None = None) -> list[tuple[TargetLayer, int]]:
+    """(layer, rank) for every layer lora_flux would train with these network_args (include/exclude after)."""
+    te_blocks = TEXT_ENCODER_BLOCKS + (FLUX_T5_BLOCKS if targets.train_t5xxl else ())  # CLIP-L; T5 when asked
+    chosen = [(t, rank) for t in named_layers(text_encoder, None, None, te_blocks)] if with_text_encoder else []
+    for path, kind, layer in flux_layers(flux):
+        name = lora_name(UNET_PREFIX, path)
+        if kind == "embedder":
+            which = next(i for i, stem in enumerate(FLUX_IN_DIMS) if path.startswith(stem))
+            layer_rank = targets.in_dims[which] if targets.in_dims else 0
+        else:
+            double = path.startswith("double_blocks.")
+            if targets.train_blocks != "all" and targets.train_blocks != ("double" if double else "single"):
+                continue
+            indices = targets.double_indices if double else targets.single_indices
+            if indices is not None and flux_block_index(name) not in indices:
+                continue
+            layer_rank = next((targets.type_dims[key] for key, matches in FLUX_TYPE_DIMS
+                               if matches(name) and (targets.type_dims or {}).get(key) is not None), rank)
+        if layer_rank:
+            chosen.append((TargetLayer(name, layer, True, None), layer_rank))
+    return [(t, r) for t, r in chosen
+            if not (include and not re.search(include, t.lora_name)) and not (exclude and re.search(exclude, t.lora_name))]
+
+
 def lora_name(prefix: str, path: str) -> str:
     return f"{prefix}.{path}".replace(".", "_")
 
@@ -181,8 +401,16 @@ def named_layers(text_encoder, unet, block_classes_unet: Iterable[str] | None = 
     text_encoders = as_text_encoder_list(text_encoder)
     for i, (te, prefix) in enumerate(zip(text_encoders, text_encoder_prefixes(text_encoders))):
         te_index = i + 1 if len(text_encoders) > 1 else None
-        collect(te, prefix, block_classes_te, lambda p, te=te: text_encoder_module_path(te, p), False, te_index)
-    if unet is not None:
+        blocks = block_classes_te
+        if blocks is not None and is_t5(te):
+            blocks = [b for b in blocks if b in FLUX_T5_BLOCKS]  # T5 only when asked for by its own classes
+        collect(te, prefix, blocks, lambda p, te=te: text_encoder_module_path(te, p), False, te_index)
+    if flux_layout(unet):
+        # FLUX: the blocks' Linears; everything else (the embedders) only when no block classes narrow the search
+        for path, kind, layer in flux_layers(unet, embedders=block_classes_unet is None):
+            name = lora_name(UNET_PREFIX, path)
+            found[name] = TargetLayer(name, layer, True, None)
+    elif unet is not None:
         collect(unet, UNET_PREFIX, block_classes_unet, _unet_path_namer(unet), True, None)
     return list(found.values())
 
@@ -222,7 +450,8 @@ def parse_network_args(kwargs: dict, spec: dict[str, Callable], unsupported: dic
         if key not in spec:
             raise NetworkArgsError(
                 f"unknown network_args key {key!r}{closest(key, spec)}; known keys: {', '.join(sorted(spec))}")
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")
+                             and not getattr(spec[key], "reads_none", False)):
             parsed[key] = None
             continue
         try:
@@ -276,6 +505,86 @@ def choice(choices: Iterable[str]) -> Callable[[str], str]:
         return value
 
     return convert
+
+
+def non_negative_int(value) -> int:
+    number = int(str(value).strip()) if not isinstance(value, int) else value
+    if number < 0:
+        raise ValueError("must be a whole number, 0 or more (0 leaves the layers out)")
+    return number
+
+
+def boolean(value) -> bool:
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError("must be True or False")
+    return text == "true"
+
+
+def five_ints(value) -> tuple[int, ...]:
+    """lora_flux's in_dims: "[a,b,c,d,e]" or "a,b,c,d,e" (ranks for img_in, time_in, vector_in, guidance_in,
+    txt_in)."""
+    items = [item for item in str(value).strip().strip("[]").split(",") if item.strip()]
+    numbers = tuple(non_negative_int(item) for item in items)
+    if len(numbers) != len(FLUX_IN_DIMS):
+        raise ValueError(f"needs 5 whole numbers, one each for {', '.join(FLUX_IN_DIMS)} (0 leaves one out)")
+    return numbers
+
+
+def block_indices(value) -> frozenset | None:
+    """lora_flux's train_double/single_block_indices: "all", "none" or a list such as "0,1,4-5"."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return frozenset()
+    chosen = set()
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError("must be all, none or block numbers and ranges such as 0,1,4-5")
+        chosen |= set(range(int(first), int(last if dash else first) + 1))
+    return frozenset(chosen)
+
+
+block_indices.reads_none = True  # "none" is a value here (no block), not "unset"
+
+
+# lora_flux's network_args (flux-contract §1.2) as this folder reads them; only for FLUX models
+FLUX_NETWORK_ARGS = {
+    "train_blocks": choice(("all", "double", "single")),
+    "train_t5xxl": boolean,
+    "split_qkv": boolean,
+    "in_dims": five_ints,
+    "train_double_block_indices": block_indices,
+    "train_single_block_indices": block_indices,
+    "verbose": boolean,
+    **{key: non_negative_int for key, _ in FLUX_TYPE_DIMS},
+}
+FLUX_UNSUPPORTED_ARGS = {
+    "ggpo_beta": "GGPO perturbs LoRA's weights by their norms; it has no PaRa form",
+    "ggpo_sigma": "GGPO perturbs LoRA's weights by their norms; it has no PaRa form",
+    "network_reg_dims": "use img_attn_dim ... single_mod_dim, in_dims, include/exclude to set ranks per layer",
+    "network_reg_lrs": "per-module learning rates are not implemented here",
+}
+
+
+def flux_targets(args: dict, flux) -> FluxTargets:
+    """FluxTargets from parsed network_args; FLUX-only arguments on another model are an error."""
+    given = sorted(key for key in FLUX_NETWORK_ARGS if key in args and args[key] is not None)
+    if not flux_layout(flux):
+        if given:
+            raise NetworkArgsError(f"network_args {given[0]} is for FLUX.1 models (sd-scripts' lora_flux); this "
+                                   "model is a Stable Diffusion UNet")
+        return FluxTargets()
+    return FluxTargets(
+        train_blocks=args.get("train_blocks") or "all",
+        train_t5xxl=bool(args.get("train_t5xxl")),
+        type_dims={key: args[key] for key, _ in FLUX_TYPE_DIMS if args.get(key) is not None},
+        in_dims=args.get("in_dims"),
+        double_indices=args.get("train_double_block_indices"),
+        single_indices=args.get("train_single_block_indices"),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,7 +750,7 @@ class AdapterModule(nn.Module):
     def __init__(self, lora_name: str, layer: nn.Module, multiplier: float = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None):
         super().__init__()
-        if layer.__class__.__name__ not in LAYER_CLASSES:
+        if layer.__class__.__name__ not in LAYER_CLASSES and not isinstance(layer, StackedLinear):
             raise TypeError(f"{lora_name}: cannot adapt a {layer.__class__.__name__}")
         self.lora_name = lora_name
         self._base = (layer,)  # a tuple hides the layer from parameters(), state_dict() and .to()
@@ -475,11 +784,18 @@ class AdapterModule(nn.Module):
         if self._org_forward is not None:
             return
         self._org_forward = self.layer.forward
-        self.layer.forward = self.forward
+        if isinstance(self.layer, StackedLinear):
+            self.layer.hook(self.forward)
+        else:
+            self.layer.forward = self.forward
 
     def remove(self) -> None:
         """Give the layer its own forward back."""
         if self._org_forward is None:
+            return
+        if isinstance(self.layer, StackedLinear):
+            self.layer.unhook()
+            self._org_forward = None
             return
         if self.layer.__dict__.get("forward") == self.forward:
             if getattr(self._org_forward, "__self__", None) is self.layer and \
@@ -524,14 +840,14 @@ class AdapterModule(nn.Module):
         if device is not None:
             self.to(device)
         delta = self.delta_weight().to(weight.device)
-        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        set_layer_weight(self.layer, weight.to(delta.dtype) + delta)
         self.merged = True
 
     @torch.no_grad()
     def restore_weight(self) -> None:
         if not self.merged:
             return
-        self.layer.weight.copy_(self._weight_backup)
+        set_layer_weight(self.layer, self._weight_backup)
         self._weight_backup = None
         self.merged = False
 
@@ -548,6 +864,7 @@ class AdapterNetwork(nn.Module):
 
     network_module = "networks.adapter_base"  # what ss_network_module says; subclasses override
     file_kinds: tuple[str, ...] = ()  # what module_kind_of_parts says of this network's own files
+    train_t5xxl = False  # flux_train_network.py reads it (FLUX: T5-XXL layers in the network)
 
     def __init__(self, modules: list[AdapterModule], multiplier: float = 1.0, metadata: dict | None = None):
         super().__init__()

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_base import (
+    FLUX_NETWORK_ARGS,
+    FLUX_UNSUPPORTED_ARGS,
     PRESETS,
     AdapterFileError,
     AdapterModule,
@@ -41,6 +43,8 @@ from .adapter_base import (
     as_text_encoder_list,
     choice,
     describe_file_model,
+    flux_layout,
+    flux_targets,
     group_by_module,
     layers_for_file,
     parse_network_args,
@@ -49,6 +53,7 @@ from .adapter_base import (
     read_adapter_file,
     refused_lora_args,
     regex,
+    select_flux_layers,
     select_target_layers,
 )
 
@@ -455,16 +460,31 @@ class ParaModule(AdapterModule):
     file_keys = (Q_KEY,)
 
     def __init__(self, lora_name: str, layer: nn.Module, rank: int, para_scale: float = 1.0,
-                 lora_rank: int | None = None, lora_scale: float = 1.0, **kwargs):
+                 lora_rank: int | None = None, lora_scale: float = 1.0, split: tuple[int, ...] | None = None,
+                 **kwargs):
         super().__init__(lora_name, layer, **kwargs)
-        if not 0 < rank < self.out_features:
+        sizes = split or (self.out_features,)
+        if sum(sizes) != self.out_features:
+            raise NetworkArgsError(f"{lora_name}: parts of {sizes} rows do not make its {self.out_features} outputs")
+        if not 0 < rank < min(sizes):
             raise NetworkArgsError(
-                f"rank {rank} does not fit {lora_name}: PaRa removes r of the layer's {self.out_features} output "
-                f"directions, so r must be between 1 and {self.out_features - 1}; lower network_dim/conv_dim")
-        self.rank = rank
-        b = torch.empty(self.out_features, rank)
-        nn.init.orthogonal_(b)  # full column rank from the start: QR's gradient needs it
+                f"rank {rank} does not fit {lora_name}: PaRa removes r of the layer's {min(sizes)} output "
+                f"directions{' per part' if split else ''}, so r must be between 1 and {min(sizes) - 1}; lower "
+                "network_dim/conv_dim")
+        # split (FLUX's split_qkv): r directions removed from each part's rows (q, k, v, ...) instead of r across
+        # the stacked rows: B and so Q are block-diagonal, kept so by zeroing the gradient off the blocks.
+        self.split = tuple(split) if split else None
+        self.rank = rank * len(sizes)
+        b = torch.zeros(self.out_features, self.rank)
+        for rows, columns in _blocks(sizes, rank):
+            nn.init.orthogonal_(b[rows, columns])  # full column rank from the start: QR's gradient needs it
         self.para_b = nn.Parameter(b)
+        if self.split:
+            mask = torch.zeros_like(b, dtype=torch.bool)
+            for rows, columns in _blocks(sizes, rank):
+                mask[rows, columns] = True
+            self.register_buffer("_block_mask", mask, persistent=False)
+            self.para_b.register_hook(lambda grad: grad * self._block_mask)
         self.conditioning: torch.Tensor | None = None  # min|R_ii| / max|R_ii| of the last QR
         self._basis_cache: tuple[torch.Tensor, int, bool] | None = None  # (Q, B's version, grad mode)
         self._b_is_orthonormal_at = -1  # B's version when a stored Q was loaded into it
@@ -528,6 +548,11 @@ class ParaModule(AdapterModule):
 
     def current_q(self) -> torch.Tensor:
         with torch.no_grad():
+            if self.split and self._b_is_orthonormal_at != self.para_b._version:  # each block's Q, exact zeros off
+                q = torch.zeros_like(self.para_b, dtype=torch.promote_types(self.para_b.dtype, torch.float32))
+                for rows, columns in _blocks(self.split, self.rank // len(self.split)):
+                    q[rows, columns] = orthonormal_basis(self.para_b[rows, columns])[0]
+                return q
             q = self.basis()
         return q.to(torch.promote_types(q.dtype, torch.float32))
 
@@ -557,10 +582,16 @@ class ParaModule(AdapterModule):
                                    f"{expected}; load merged files with --base_weights, and give lora_dim exactly "
                                    "when the file has a LoRA part")
         q = stages[0].q
+        if self.split and tuple(q.shape) == tuple(self.para_b.shape) and bool((q[~self._block_mask] != 0).any()):
+            raise AdapterFileError(
+                f"{self.lora_name}: the file removes directions across the layer's stacked parts (q, k, v...) "
+                "jointly; this network removes them per part (split_qkv=True). Continue without split_qkv")
         if tuple(q.shape) != tuple(self.para_b.shape):
             raise AdapterFileError(
                 f"{self.lora_name}: the file's Q has shape {tuple(q.shape)}, this network expects "
-                f"{tuple(self.para_b.shape)} ({self.out_features} outputs, rank {self.rank})")
+                f"{tuple(self.para_b.shape)} ({self.out_features} outputs, rank {self.rank}"
+                + (f" = {len(self.split)} parts x {self.rank // len(self.split)}, split_qkv" if self.split else "")
+                + ")")
         if self.lora_rank:
             lora = stages[1]
             up, down = lora.up.reshape(lora.up.shape[0], -1), lora.down.reshape(lora.down.shape[0], -1)
@@ -588,6 +619,10 @@ class ParaModule(AdapterModule):
             module._basis_cache = None
             module._loading_q = False
 
+    def trainable_parameter_count(self) -> int:
+        unused = int((~self._block_mask).sum()) if self.split and self.para_b.requires_grad else 0
+        return super().trainable_parameter_count() - unused  # split: B's entries off the blocks stay 0
+
     def health(self) -> torch.Tensor:
         """-1 when B is not finite, else min|R_ii| / max|R_ii| of the last QR (1 before any): no sync here."""
         conditioning = self.conditioning if self.conditioning is not None else torch.ones((), device=self.para_b.device)
@@ -603,6 +638,14 @@ class ParaModule(AdapterModule):
             return (f"{self.lora_name}: B has lost rank (smallest/largest |R_ii| = {value:.2e}), so QR's gradient "
                     "would turn into NaN; lower the learning rate or the rank")
         return None
+
+
+def _blocks(sizes: tuple[int, ...], rank: int):
+    """(rows, columns) of each part's block in a block-diagonal (sum(sizes), rank·len(sizes)) matrix."""
+    start = 0
+    for i, size in enumerate(sizes):
+        yield slice(start, start + size), slice(i * rank, (i + 1) * rank)
+        start += size
 
 
 class ParaChainModule(AdapterModule):
@@ -777,16 +820,24 @@ UNSUPPORTED_ARGS = refused_lora_args(
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
                    neuron_dropout: float | None = None, **kwargs) -> ParaNetwork:
     """sd-scripts' create_network: PaRa on the preset's layers (network_args arrive as strings)."""
-    args = parse_network_args(kwargs, NETWORK_ARGS, UNSUPPORTED_ARGS)
+    args = parse_network_args(kwargs, {**NETWORK_ARGS, **FLUX_NETWORK_ARGS}, {**UNSUPPORTED_ARGS, **FLUX_UNSUPPORTED_ARGS})
     rank = positive_int(network_dim) if network_dim is not None else 4
     preset_name = args.get("preset") or "full"
     preset = PRESETS[preset_name]
-    conv_rank = args.get("conv_dim") or (rank if preset.conv_blocks == "always" else None)
     dropout = neuron_dropout if neuron_dropout is not None else args.get("dropout")
-    targets = select_target_layers(text_encoder, unet, preset, args.get("conv_dim") is not None,
-                                   args.get("include"), args.get("exclude"))
-    if not targets:
-        raise NetworkArgsError(f"preset {preset_name!r} with these include/exclude patterns selects no layer")
+    flux = flux_targets(args, unet)
+    if flux_layout(unet):  # FLUX.1: lora_flux's layers and per-type ranks
+        if preset_name != "full":
+            raise NetworkArgsError(f"preset {preset_name!r} is for Stable Diffusion UNets; on FLUX.1 choose layers "
+                                   "with train_blocks, img_attn_dim ... single_mod_dim, in_dims, include/exclude")
+        ranked = select_flux_layers(text_encoder, unet, flux, rank, True, args.get("include"), args.get("exclude"))
+    else:
+        conv_rank = args.get("conv_dim") or (rank if preset.conv_blocks == "always" else None)
+        ranked = [(t, conv_rank if t.is_conv3x3 else rank) for t in select_target_layers(
+            text_encoder, unet, preset, args.get("conv_dim") is not None, args.get("include"), args.get("exclude"))]
+    if not ranked:
+        raise NetworkArgsError(f"preset {preset_name!r} with these network_args and include/exclude patterns selects "
+                               "no layer")
     lora_rank = args.get("lora_dim")
     if lora_rank is None and ("lora_alpha" in args or "lora_strength" in args):
         raise NetworkArgsError("lora_alpha/lora_strength set the LoRA part of PaRa + LoRA: give lora_dim=N too")
@@ -794,12 +845,14 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     lora_scale = args.get("lora_strength", 1.0) ** 2 * (args.get("lora_alpha", lora_rank) / lora_rank) \
         if lora_rank else 1.0
     modules = [
-        ParaModule(t.lora_name, t.layer, conv_rank if t.is_conv3x3 else rank, para_scale=para_scale,
-                   lora_rank=lora_rank, lora_scale=lora_scale, dropout=dropout,
-                   rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"))
-        for t in targets
+        ParaModule(t.lora_name, t.layer, layer_rank, para_scale=para_scale, lora_rank=lora_rank,
+                   lora_scale=lora_scale, dropout=dropout, rank_dropout=args.get("rank_dropout"),
+                   module_dropout=args.get("module_dropout"),
+                   split=split_parts(t) if args.get("split_qkv") else None)
+        for t, layer_rank in ranked
     ]
     network = ParaNetwork(modules, multiplier)
+    network.train_t5xxl = flux.train_t5xxl
     params = network.trainable_parameter_count()
     lora_params = sum(m.rank * (m.in_features + m.out_features) for m in modules)
     logger.info("PaRa (%s): %d text-encoder and %d UNet layers, %d trainable parameters (LoRA at the same ranks: "
@@ -808,6 +861,22 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     if network_alpha not in (None, 1, 1.0) or args.get("conv_alpha") is not None:
         logger.info("network_alpha/conv_alpha have no effect on PaRa: the projection has no scale")
     return network
+
+
+def split_parts(target) -> tuple[int, ...] | None:
+    """split_qkv: the parts of a FLUX fused layer (q, k, v of img/txt_attn.qkv; q, k, v, mlp of linear1)."""
+    name = target.lora_name
+    if not (name.endswith("_qkv") or name.endswith("_linear1")):
+        return None
+    sizes = getattr(target.layer, "sizes", None)  # the diffusers layout knows its parts
+    if sizes is None:
+        out = target.layer.weight.shape[0]
+        if name.endswith("_qkv"):
+            sizes = (out // 3,) * 3
+        else:  # linear1 = 3 hidden + mlp_ratio·hidden rows, and linear2 reads hidden + mlp_ratio·hidden
+            hidden = target.layer.weight.shape[1]
+            sizes = (hidden,) * 3 + (out - 3 * hidden,)
+    return tuple(sizes)
 
 
 def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet, weights_sd=None,
@@ -836,5 +905,7 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
         else:
             module = ParaChainModule(target.lora_name, target.layer, stages)
         modules.append(module)
-    return ParaNetwork(modules, multiplier), weights_sd
+    network = ParaNetwork(modules, multiplier)
+    network.train_t5xxl = any(m.lora_name.startswith("lora_te3_") for m in modules)
+    return network, weights_sd
 

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .flux.models import FluxModels, is_flux_pipeline_folder, load_flux_pipeline
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "toy-sd1": "sd1"}
+BUILTIN_MODELS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "toy-sd1": "sd1", "tiny-flux": "flux"}
 # sd-scripts' base model versions (ss_base_model_version) and their ModelSpec architecture names
 ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v1_v": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+                 "flux1": "flux-1-dev"}
 
 
 class ModelError(ValueError):
@@ -95,6 +98,8 @@ def load_models(args, torch_dtype=torch.float32) -> StableDiffusionModels:
         raise ModelError("--pretrained_model_name_or_path is required (a diffusers folder, a .safetensors/.ckpt "
                          "checkpoint, a Hub repo id, builtin:toy-sd1 for the model pretrained on the toy world, or "
                          "builtin:tiny-sd1 for the embedded random tiny model)")
+    if source.startswith(BUILTIN_PREFIX + "tiny-flux") or (os.path.isdir(source) and is_flux_pipeline_folder(source)):
+        return _load_flux(args, source, torch_dtype)
     if source.startswith(BUILTIN_PREFIX):
         pipe = _load_builtin(source, torch_dtype)
     elif os.path.isfile(source):
@@ -124,6 +129,16 @@ def load_models(args, torch_dtype=torch.float32) -> StableDiffusionModels:
         model.requires_grad_(False)
         model.eval()
     return StableDiffusionModels(pipe, kind, v_param, source)
+
+
+def _load_flux(args, source: str, torch_dtype) -> FluxModels:
+    for option in ("v2", "v_parameterization", "sdxl"):
+        if getattr(args, option, False):
+            raise ModelError(f"--{option} is a Stable Diffusion option; {source} is a FLUX.1 model (leave it out)")
+    if getattr(args, "vae", None):
+        raise ModelError(f"--vae is Stable Diffusion's option; {source} is a FLUX.1 model, whose autoencoder is "
+                         "given with --ae")
+    return FluxModels(load_flux_pipeline(source, torch_dtype), source)
 
 
 def _load_builtin(source: str, torch_dtype):

@@ -21,9 +21,11 @@ import torch
 from networks.adapter_base import (
     AdapterFileError,
     group_by_module,
+    layer_key,
     layers_for_file,
     module_kind_of_parts,
     read_adapter_file,
+    set_layer_weight,
 )
 from networks.para import (
     Q_KEY,
@@ -155,7 +157,7 @@ def apply_adapters(models, adapters: list[tuple[AdapterFile, float]]) -> None:
         for target, stages in plan:
             weight = target.layer.weight
             delta = chain_delta_weight(weight, stages)
-            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+            set_layer_weight(target.layer, weight.to(delta.dtype) + delta)
 
 
 @contextlib.contextmanager
@@ -165,14 +167,14 @@ def adapters_applied(models, adapters: list[tuple[AdapterFile, float]]):
     backups = {}
     for adapter, strength in adapters:
         for target, _ in layer_chains(adapter, models, strength):
-            backups.setdefault(id(target.layer), (target.layer, target.layer.weight.detach().clone()))
+            backups.setdefault(layer_key(target.layer), (target.layer, target.layer.weight.detach().clone()))
     try:
         apply_adapters(models, [(adapter, strength) for adapter, strength in adapters if strength != 0])
         yield models
     finally:
         with torch.no_grad():
             for layer, weight in backups.values():
-                layer.weight.copy_(weight)
+                set_layer_weight(layer, weight)
 
 
 def parse_file_and_strength(text: str) -> tuple[str, float]:

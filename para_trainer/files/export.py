@@ -26,6 +26,7 @@ from networks.adapter_base import (
     layers_for_file,
     module_kind_of_parts,
     read_adapter_file,
+    set_layer_weight,
     write_adapter_file,
 )
 from networks.para import Q_KEY, chain_delta_weight, chain_lora_factors, check_stages_fit, stages_from_file
@@ -198,6 +199,12 @@ def _rank_summary(ranks: dict[str, int], conv3x3: set[str]) -> tuple[int, int | 
     return dim, (max(conv) if conv else None), len(linear) > 1 or len(conv) > 1
 
 
+FLUX_VERSION = "flux1"
+# modelspec.implementation as sd-scripts writes it for a LoRA of each base (SD1/SD2: "diffusers")
+IMPLEMENTATIONS = {"sdxl_base_v1-0": "https://github.com/Stability-AI/generative-models",
+                   FLUX_VERSION: "https://github.com/black-forest-labs/flux"}
+
+
 def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[str, int], conv3x3: set[str],
                    native_sha256: str, precision: str, overrides: dict | None) -> dict[str, str]:
     version = models.base_model_version
@@ -220,13 +227,14 @@ def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[st
         "ss_output_name": Path(out_path).stem,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{ARCHITECTURES[version]}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if models.is_sdxl
-        else "diffusers",
+        "modelspec.implementation": IMPLEMENTATIONS.get(version, "diffusers"),
         "modelspec.prediction_type": "v" if models.v_parameterization else "epsilon",
         "para.exported_from": native_sha256,
         "para.export_precision": precision,
         "para_trainer.version": __version__,
     })
+    if version == FLUX_VERSION:
+        del metadata["modelspec.prediction_type"]  # sd-scripts writes none for flow-matching models
     metadata.setdefault("modelspec.title", metadata["ss_output_name"])
     metadata.setdefault("modelspec.date", time.strftime("%Y-%m-%dT%H:%M:%S"))
     metadata.update({k: str(v) for k, v in (overrides or {}).items()})
@@ -443,7 +451,7 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
         for target, stages in plan:
             weight = target.layer.weight
             delta = chain_delta_weight(weight, stages)
-            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+            set_layer_weight(target.layer, weight.to(delta.dtype) + delta)
         report_adapters.append({"path": adapter.path, "multiplier": multiplier, "modules": len(plan),
                                 "base_check": base_check})
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from networks.adapter_base import AdapterFileError, write_adapter_file
+from networks.adapter_base import AdapterFileError, layer_key, set_layer_weight, write_adapter_file
 from networks.para import Reduction, format_version, scale_stages, stages_to_file
 
 from .. import __version__
@@ -92,12 +92,12 @@ def _check_bases(adapters, models, force: bool) -> list[str]:
                     raise MergeError(message + "; give the base it was trained on, or --force")
                 warnings.append(message + " (--force)")
             for target, _ in plan:
-                backups.setdefault(id(target.layer), (target.layer, target.layer.weight.detach().clone()))
+                backups.setdefault(layer_key(target.layer), (target.layer, target.layer.weight.detach().clone()))
             apply_adapters(models, [(adapter, strength)])
     finally:
         with torch.no_grad():
             for layer, weight in backups.values():
-                layer.weight.copy_(weight)
+                set_layer_weight(layer, weight)
     return warnings
 
 

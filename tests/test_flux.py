@@ -1,0 +1,440 @@
+"""PaRa on FLUX.1: sd-scripts' lora_flux key names on the BFL layout (sd-scripts' own model, here a stand-in) and
+on diffusers' FluxTransformer2DModel, exact math on every kind of target, files that move between the layouts,
+the LoRA export that diffusers' own kohya-FLUX loader reads, and the errors for files and options of the wrong
+architecture."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from networks import adapter_base, para
+from networks.adapter_base import AdapterFileError, NetworkArgsError, StackedLinear, named_layers, set_layer_weight
+from para_trainer.flux.tiny import build_tiny_flux
+from para_trainer.models import load_models
+from tests.commands import run_cli
+from tests.flux_standin.flux_models import Flux
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOUBLE_LAYERS = ["img_mod_lin", "img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
+                 "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2"]
+SINGLE_LAYERS = ["linear1", "linear2", "modulation_lin"]
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return build_tiny_flux(seed=0)
+
+
+def encoders(pipe):
+    return [pipe.text_encoder, pipe.text_encoder_2]
+
+
+def bfl_like(pipe) -> Flux:
+    """The stand-in BFL model at tiny-flux's widths, every adaptable layer holding the diffusers model's weights
+    (fused layers: the diffusers parts stacked in their row order)."""
+    config = pipe.transformer.config
+    hidden = config.num_attention_heads * config.attention_head_dim
+    model = Flux(in_channels=config.in_channels, vec_in_dim=config.pooled_projection_dim,
+                 context_in_dim=config.joint_attention_dim, hidden_size=hidden, num_heads=config.num_attention_heads,
+                 depth=config.num_layers, depth_single_blocks=config.num_single_layers,
+                 guidance_embed=config.guidance_embeds)
+    bfl = {t.lora_name: t.layer for t in named_layers(None, model)}
+    for target in named_layers(None, pipe.transformer):
+        set_layer_weight(bfl[target.lora_name], target.layer.weight)
+        if target.layer.bias is not None:
+            with torch.no_grad():
+                bfl[target.lora_name].bias.copy_(target.layer.bias)
+    return model
+
+
+def randomize(network, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.adapter_modules:
+            module.para_b.copy_(torch.randn(module.para_b.shape, generator=generator) *
+                                (module._block_mask if module.split else 1))
+
+
+def transformer_inputs(pipe, seed=0, tokens=16, text=8):
+    generator = torch.Generator().manual_seed(seed)
+    config = pipe.transformer.config
+    img_ids = torch.zeros(tokens, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(tokens) // 4, torch.arange(tokens) % 4
+    return dict(hidden_states=torch.randn(2, tokens, config.in_channels, generator=generator),
+                encoder_hidden_states=torch.randn(2, text, config.joint_attention_dim, generator=generator),
+                pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=generator),
+                timestep=torch.tensor([0.3, 0.8]), guidance=torch.tensor([3.5, 3.5]),
+                img_ids=img_ids, txt_ids=torch.zeros(text, 3))
+
+
+def forward(transformer, inputs):
+    with torch.no_grad():
+        return transformer(**inputs).sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers and names
+
+
+def test_tiny_flux_is_a_flux_pipeline_with_flux_parts(flux):
+    assert type(flux).__name__ == "FluxPipeline"
+    assert [type(m).__name__ for m in (flux.transformer, flux.vae, flux.text_encoder, flux.text_encoder_2)] == \
+        ["FluxTransformer2DModel", "AutoencoderKL", "CLIPTextModel", "T5EncoderModel"]
+    assert flux.vae.config.latent_channels == 16 and flux.transformer.config.guidance_embeds
+    assert (flux.vae.config.scaling_factor, flux.vae.config.shift_factor) == (0.3611, 0.1159)
+    again = build_tiny_flux(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(flux.transformer.state_dict().values(),
+                                                   again.transformer.state_dict().values()))
+    image = flux("a photo of sks dog", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+                 generator=torch.Generator().manual_seed(0), output_type="np", max_sequence_length=16).images
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0
+
+
+def test_default_targets_are_lora_flux_ones_on_both_layouts(flux):
+    by_layout = []
+    for model in (flux.transformer, bfl_like(flux)):
+        network = para.create_network(1.0, 2, None, None, encoders(flux), model)
+        by_layout.append({m.lora_name: (tuple(m.para_b.shape), m.in_features) for m in network.adapter_modules})
+    assert by_layout[0] == by_layout[1]
+    expected = {f"lora_unet_double_blocks_{i}_{layer}" for i in range(2) for layer in DOUBLE_LAYERS}
+    expected |= {f"lora_unet_single_blocks_{i}_{layer}" for i in range(2) for layer in SINGLE_LAYERS}
+    unet = {name for name in by_layout[0] if name.startswith("lora_unet_")}
+    assert unet == expected
+    te = sorted(name for name in by_layout[0] if not name.startswith("lora_unet_"))
+    assert all(name.startswith("lora_te1_text_model_encoder_layers_") for name in te) and len(te) == 2 * 6
+    assert by_layout[0]["lora_unet_double_blocks_0_img_attn_qkv"][0] == (96, 2)  # q, k, v stacked
+    assert by_layout[0]["lora_unet_single_blocks_1_linear1"][0] == (3 * 32 + 128, 2)  # q, k, v, mlp stacked
+
+
+def test_real_flux_dev_has_lora_flux_304_block_modules_and_the_same_names_on_both_layouts():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        diffusers_flux = FluxTransformer2DModel(guidance_embeds=True)
+        bfl = Flux(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=19,
+                   depth_single_blocks=38)
+    shapes = []
+    for model in (diffusers_flux, bfl):
+        targets = adapter_base.select_flux_layers(None, model, adapter_base.FluxTargets(in_dims=(1, 1, 1, 1, 1)), 4)
+        shapes.append({t.lora_name: tuple(t.layer.weight.shape) for t, _ in targets})
+    assert shapes[0] == shapes[1]
+    blocks = [name for name in shapes[0] if "_blocks_" in name]
+    assert len(blocks) == 19 * 10 + 38 * 3 == 304
+    assert shapes[0]["lora_unet_single_blocks_37_linear1"] == (3 * 3072 + 12288, 3072)
+    assert shapes[0]["lora_unet_double_blocks_18_txt_attn_qkv"] == (3 * 3072, 3072)
+    assert sorted(set(shapes[0]) - set(blocks)) == sorted(
+        ["lora_unet_img_in", "lora_unet_txt_in"] + [f"lora_unet_{e}_{l}" for e in ("time_in", "vector_in", "guidance_in")
+                                                    for l in ("in_layer", "out_layer")])
+
+
+@pytest.mark.parametrize("args, count", [
+    ({"train_blocks": "single"}, 2 * 3),
+    ({"train_blocks": "double", "img_mod_dim": "0", "txt_mod_dim": "0"}, 2 * 8),
+    ({"train_double_block_indices": "1", "train_single_block_indices": "none"}, 10),
+    ({"in_dims": "[2,0,0,3,1]", "single_dim": "3"}, 20 + 6 + 1 + 2 + 1),
+])
+def test_lora_flux_network_args_choose_the_same_layers_and_ranks_on_both_layouts(flux, args, count):
+    networks = [para.create_network(1.0, 2, None, None, encoders(flux), model, **args)
+                for model in (flux.transformer, bfl_like(flux))]
+    ranks = [{m.lora_name: m.rank for m in n.unet_modules} for n in networks]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == count
+    if "single_dim" in args:
+        assert ranks[0]["lora_unet_single_blocks_0_linear1"] == 3 and ranks[0]["lora_unet_guidance_in_in_layer"] == 3
+        assert ranks[0]["lora_unet_single_blocks_0_modulation_lin"] == 2 and ranks[0]["lora_unet_img_in"] == 2
+
+
+def test_train_t5xxl_adds_lora_te3_layers_and_tells_the_trainer(flux):
+    network = para.create_network(1.0, 2, None, None, encoders(flux), flux.transformer, train_t5xxl="True")
+    t5 = [m.lora_name for m in network.text_encoder_modules if m.lora_name.startswith("lora_te3_")]
+    assert network.train_t5xxl is True and "lora_te3_encoder_block_0_layer_0_SelfAttention_q" in t5
+    assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0" in t5 and len(t5) == 2 * 7
+    assert para.create_network(1.0, 2, None, None, encoders(flux), flux.transformer).train_t5xxl is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact math
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_para_on_the_diffusers_layout_is_w_minus_qqt_w_of_the_fused_bfl_layer(flux, split):
+    pipe = build_tiny_flux(seed=0)
+    inputs = transformer_inputs(pipe)
+    network = para.create_network(1.0, 3, None, None, encoders(pipe), pipe.transformer,
+                                  **({"split_qkv": "True"} if split else {}))
+    randomize(network)
+    network.apply_to(encoders(pipe), pipe.transformer, False, True)
+    network.eval()
+    adapted = forward(pipe.transformer, inputs)
+    reference = build_tiny_flux(seed=0)
+    layers = {t.lora_name: t.layer for t in named_layers(None, reference.transformer)}
+    for module in network.unet_modules:
+        q = module.current_q().double()
+        if module.split:
+            assert torch.equal(q[~module._block_mask], torch.zeros_like(q[~module._block_mask]))
+        weight = layers[module.lora_name].weight.double()
+        set_layer_weight(layers[module.lora_name], (weight - q @ (q.T @ weight)).float())
+    expected = forward(reference.transformer, inputs)
+    assert (adapted - expected).abs().max() < 1e-5
+    assert (adapted - forward(build_tiny_flux(seed=0).transformer, inputs)).abs().max() > 1e-2
+
+
+def test_split_qkv_removes_r_directions_from_each_part_and_stays_block_diagonal_while_training(flux):
+    pipe = build_tiny_flux(seed=0)
+    network = para.create_network(1.0, 2, None, None, encoders(pipe), pipe.transformer, split_qkv="True")
+    network.apply_to(encoders(pipe), pipe.transformer, False, True)
+    qkv = next(m for m in network.unet_modules if m.lora_name == "lora_unet_double_blocks_0_img_attn_qkv")
+    linear1 = next(m for m in network.unet_modules if m.lora_name == "lora_unet_single_blocks_0_linear1")
+    assert qkv.split == (32, 32, 32) and qkv.rank == 6 and linear1.split == (32, 32, 32, 128)
+    assert qkv.trainable_parameter_count() == 96 * 2  # as many as the joint form's B: d_out x r
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    inputs = transformer_inputs(pipe)
+    for _ in range(3):
+        optimizer.zero_grad()
+        pipe.transformer(**inputs).sample.square().mean().backward()
+        optimizer.step()
+    for module in (qkv, linear1):
+        off_blocks = module.para_b.detach()[~module._block_mask]
+        assert torch.equal(off_blocks, torch.zeros_like(off_blocks))
+        q = module.current_q()
+        assert torch.allclose(q.T @ q, torch.eye(module.rank), atol=1e-5)
+        start = 0
+        for i, size in enumerate(module.split):  # each part loses exactly its own r directions
+            block = q[start:start + size, 2 * i:2 * i + 2]
+            assert torch.allclose(block.T @ block, torch.eye(2), atol=1e-5)
+            start += size
+
+
+def test_merge_and_restore_on_stacked_layers_are_exact(flux):
+    pipe = build_tiny_flux(seed=0)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    network = para.create_network(1.0, 2, None, None, encoders(pipe), pipe.transformer)
+    randomize(network)
+    network.apply_to(encoders(pipe), pipe.transformer, False, True)
+    network.eval()
+    inputs = transformer_inputs(pipe)
+    hooked = forward(pipe.transformer, inputs)
+    network.merge_to()
+    assert (forward(pipe.transformer, inputs) - hooked).abs().max() < 1e-5  # merged modules skip their hook
+    assert not torch.equal(pipe.transformer.state_dict()["transformer_blocks.0.attn.to_k.weight"],
+                           before["transformer_blocks.0.attn.to_k.weight"])
+    network.restore_weights()
+    assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_stacked_layer_serves_each_part_its_rows_and_recomputes_for_a_new_input():
+    parts = [torch.nn.Linear(4, n) for n in (3, 5)]
+    stacked = StackedLinear(parts)
+    calls = []
+    stacked.hook(lambda x: calls.append(1) or torch.cat([p.weight @ x for p in stacked.parts]) * 2)
+    x, y = torch.randn(4), torch.randn(4)
+    assert torch.allclose(parts[0](x), 2 * parts[0].weight @ x) and torch.allclose(parts[1](x), 2 * parts[1].weight @ x)
+    assert len(calls) == 1
+    parts[1](y)
+    parts[0](y)
+    assert len(calls) == 2
+    stacked.unhook()
+    assert "forward" not in parts[0].__dict__ and torch.allclose(parts[0](x), parts[0].weight @ x + parts[0].bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def test_a_file_trained_on_the_bfl_layout_means_the_same_on_diffusers_and_back(flux, tmp_path):
+    bfl = bfl_like(flux)
+    trained = para.create_network(1.0, 2, None, None, encoders(flux), bfl, split_qkv="True")
+    randomize(trained, seed=3)
+    trained.save_weights(str(tmp_path / "bfl.safetensors"))
+    loaded, weights = para.create_network_from_weights(1.0, str(tmp_path / "bfl.safetensors"), None,
+                                                       encoders(flux), flux.transformer)
+    loaded.load_state_dict(weights, False)  # as sd-scripts does
+    deltas = {m.lora_name: m.delta_weight() for m in trained.adapter_modules}
+    assert {m.lora_name for m in loaded.adapter_modules} == set(deltas)
+    for module in loaded.adapter_modules:
+        assert torch.allclose(module.delta_weight(), deltas[module.lora_name], atol=1e-6), module.lora_name
+    loaded.save_weights(str(tmp_path / "diffusers.safetensors"))
+    assert load_file(str(tmp_path / "diffusers.safetensors")).keys() == load_file(str(tmp_path / "bfl.safetensors")).keys()
+    again, weights = para.create_network_from_weights(1.0, str(tmp_path / "diffusers.safetensors"), None,
+                                                      encoders(flux), bfl)
+    again.load_weights(str(tmp_path / "diffusers.safetensors"))
+    for module in again.adapter_modules:
+        assert torch.allclose(module.delta_weight(), deltas[module.lora_name], atol=1e-6)
+
+
+def test_a_joint_file_does_not_continue_as_split_qkv(flux, tmp_path):
+    network = para.create_network(1.0, 6, None, None, encoders(flux), flux.transformer, train_blocks="double")
+    randomize(network)
+    network.save_weights(str(tmp_path / "joint.safetensors"))
+    split = para.create_network(1.0, 2, None, None, encoders(flux), flux.transformer, split_qkv="True",
+                                include="_qkv$")
+    with pytest.raises(AdapterFileError, match="jointly.*without split_qkv"):
+        split.load_weights(str(tmp_path / "joint.safetensors"))
+    same_rank = para.create_network(1.0, 6, None, None, encoders(flux), flux.transformer, split_qkv="True")
+    with pytest.raises(AdapterFileError, match=r"rank 18 = 3 parts x 6, split_qkv"):
+        same_rank.load_weights(str(tmp_path / "joint.safetensors"))
+
+
+def _native_flux_file(path, pipe, **args):
+    network = para.create_network(1.0, 3, None, None, encoders(pipe), pipe.transformer, **args)
+    randomize(network, seed=1)
+    network.save_weights(str(path))
+    return network
+
+
+def test_lora_export_loads_in_diffusers_flux_pipeline_and_matches_para(tmp_path):
+    """diffusers' own kohya-FLUX conversion (fused qkv split by rows, lora_te1) on every double-block module and
+    the CLIP-L layers. Its single-block conversion assumes FLUX's 3072 width: the next test covers linear1."""
+    models = load_models(SimpleNamespace(pretrained_model_name_or_path="builtin:tiny-flux", v2=False,
+                                         v_parameterization=False, vae=None))
+    network = _native_flux_file(tmp_path / "para.safetensors", models.pipeline, train_blocks="double")
+    assert run_cli("export", tmp_path / "para.safetensors", "--to", "lora", "--model", "builtin:tiny-flux",
+                   "--precision", "fp32", "-o", tmp_path / "lora.safetensors") == 0
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    assert metadata["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert "modelspec.prediction_type" not in metadata
+    reference = build_tiny_flux(seed=0)
+    reference.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    inputs = transformer_inputs(reference)
+    ids = reference.tokenizer(["a photo of sks dog"], return_tensors="pt").input_ids
+    network.apply_to(encoders(models.pipeline), models.unet, True, True)
+    network.eval()
+    with torch.no_grad():
+        assert (models.pipeline.text_encoder(ids).pooler_output - reference.text_encoder(ids).pooler_output
+                ).abs().max() < 1e-5
+    ours, theirs = forward(models.unet, inputs), forward(reference.transformer, inputs)
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (theirs - forward(build_tiny_flux(seed=0).transformer, inputs)).abs().max() > 1e-2
+
+
+def test_single_block_linear1_export_at_flux_width_loads_in_diffusers(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                                   joint_attention_dim=8, pooled_projection_dim=8, in_channels=8).eval()
+    network = para.create_network(1.0, 2, None, None, None, model)
+    randomize(network)
+    tensors = {}
+    for module in network.unet_modules:
+        up, down = para.para_lora_factors(module.layer.weight, module.current_q())
+        tensors.update({f"{module.lora_name}.lora_up.weight": up, f"{module.lora_name}.lora_down.weight": down,
+                        f"{module.lora_name}.alpha": torch.tensor(float(up.shape[1]))})
+    assert {m.lora_name for m in network.unet_modules} == {f"lora_unet_single_blocks_0_{l}" for l in SINGLE_LAYERS}
+    save_file(tensors, str(tmp_path / "lora.safetensors"))
+    from diffusers import FluxPipeline
+
+    reference = FluxTransformer2DModel.from_config(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    state, _ = FluxPipeline.lora_state_dict(str(tmp_path / "lora.safetensors"), return_alphas=True)[:2]
+    with torch.no_grad():  # apply diffusers' converted factors by hand: B A on each diffusers layer
+        modules = dict(reference.named_modules())
+        for key, a in state.items():
+            if key.endswith("lora_A.weight"):
+                path = key[len("transformer."):-len(".lora_A.weight")]
+                b = state[key.replace("lora_A", "lora_B")]
+                modules[path].weight += b @ a
+    inputs = dict(hidden_states=torch.randn(1, 4, 8), encoder_hidden_states=torch.randn(1, 2, 8),
+                  pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]), guidance=None,
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(2, 3))
+    network.apply_to(None, model, False, True)
+    network.eval()
+    ours, theirs = forward(model, inputs), forward(reference, inputs)
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wrong architecture, wrong arguments
+
+
+def test_sd1_file_on_flux_and_flux_file_on_sd1_are_refused_by_name(flux, tmp_path, capsys):
+    from para_trainer import tiny_models
+
+    sd1 = tiny_models.build_tiny_pipeline("sd1", seed=0)
+    sd_network = para.create_network(1.0, 2, None, None, sd1.text_encoder, sd1.unet)
+    sd_network.save_weights(str(tmp_path / "sd1.safetensors"), None, {"ss_base_model_version": "sd_v1"})
+    _native_flux_file(tmp_path / "flux.safetensors", flux)
+    with pytest.raises(AdapterFileError, match="sd_v1"):
+        para.create_network_from_weights(1.0, str(tmp_path / "sd1.safetensors"), None, encoders(flux), flux.transformer)
+    with pytest.raises(AdapterFileError, match="has no layer in the model"):
+        para.create_network_from_weights(1.0, str(tmp_path / "flux.safetensors"), None, sd1.text_encoder, sd1.unet)
+    flux_network = para.create_network(1.0, 2, None, None, encoders(flux), flux.transformer)
+    with pytest.raises(AdapterFileError, match="does not fit this model.*sd_v1"):
+        flux_network.load_weights(str(tmp_path / "sd1.safetensors"))
+    code = run_cli("export", tmp_path / "sd1.safetensors", "--to", "lora", "--model", "builtin:tiny-flux",
+                   "-o", tmp_path / "out.safetensors")
+    err = capsys.readouterr().err
+    assert code == 2 and "sd_v1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"train_blocks": "double"}, "train_blocks is for FLUX.1"),
+    ({"split_qkv": "True"}, "split_qkv is for FLUX.1"),
+])
+def test_flux_network_args_on_sd_are_refused(args, message):
+    from para_trainer import tiny_models
+
+    sd1 = tiny_models.build_tiny_pipeline("sd1", seed=0)
+    with pytest.raises(NetworkArgsError, match=message):
+        para.create_network(1.0, 2, None, None, sd1.text_encoder, sd1.unet, **args)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"preset": "exca"}, "for Stable Diffusion UNets"),
+    ({"train_blocks": "middle"}, "must be one of all, double, single"),
+    ({"in_dims": "[4,4]"}, "needs 5 whole numbers"),
+    ({"split_qkv": "yes"}, "must be True or False"),
+    ({"train_double_block_indices": "0-x"}, "block numbers and ranges"),
+    ({"ggpo_sigma": "0.03"}, "no PaRa form"),
+    ({"train_blocks": "single", "single_dim": "0", "single_mod_dim": "0", "exclude": "^lora_te"}, "selects no layer"),
+])
+def test_bad_flux_network_args_get_one_message(flux, args, message):
+    with pytest.raises(NetworkArgsError, match=message):
+        para.create_network(1.0, 2, None, None, encoders(flux), flux.transformer, **args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# flux_train_network.py's calling sequence (flux-contract §1.6), on the BFL stand-in
+
+
+def test_flux_train_network_calling_sequence_trains_saves_and_reloads(flux, tmp_path):
+    bfl = bfl_like(flux)
+    clip, t5 = encoders(flux)
+    network = para.create_network(1.0, 4, None, flux.vae, [clip, t5], bfl, neuron_dropout=None, dropout=None,
+                                  train_blocks="all")
+    assert network.train_t5xxl is False  # read without a hasattr guard
+    network.apply_to([clip, t5], bfl, False, True)  # --network_train_unet_only
+    assert network.text_encoder_modules == []
+    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs([1e-4, 1e-4], 1e-3, 1e-3)
+    assert descriptions == ["unet"] and groups[0]["lr"] == 1e-3
+    network.prepare_grad_etc([clip, t5], bfl)
+    network.on_epoch_start([clip, t5], bfl)
+    optimizer = torch.optim.AdamW(groups)
+    generator = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(2, 16, 64, generator=generator), torch.randn(2, 8, 32, generator=generator)
+    y, target = torch.randn(2, 32, generator=generator), torch.randn(2, 16, 64, generator=generator)
+    losses = []
+    for _ in range(8):
+        network.on_step_start([clip, t5], bfl)
+        loss = (bfl(img, txt, y, torch.tensor([0.5, 0.5]), torch.tensor([3.5, 3.5])) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    network.save_weights(str(tmp_path / "flux.safetensors"), torch.float32, {"ss_base_model_version": "flux1"})
+    loaded, weights = para.create_network_from_weights(1.0, str(tmp_path / "flux.safetensors"), flux.vae,
+                                                       [clip, t5], bfl_like(flux))
+    loaded.load_state_dict(weights, False)
+    assert loaded.train_t5xxl is False
+    by_name = {m.lora_name: m for m in network.unet_modules}
+    for module in loaded.unet_modules:
+        assert torch.allclose(module.current_q(), by_name[module.lora_name].current_q(), atol=1e-6)
