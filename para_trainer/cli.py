@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="native PaRa or KronA .safetensors; --to merged: also LoRA/LoCon/LoKr, several "
                              "(merged in this order)")
     export.add_argument("--model", help="the base model it was trained on: diffusers folder, .safetensors/.ckpt, "
-                                        "Hub id or builtin:toy-sd1|tiny-sd1|tiny-sd2|tiny-sdxl")
+                                        "Hub id or builtin:toy-sd1|tiny-sd1|tiny-sd2|tiny-sdxl|tiny-flux")
     export.add_argument("-o", "--out", required=True,
                         help="lora: a .safetensors file; merged: a .safetensors/.ckpt single file, or a folder (diffusers)")
     export.add_argument("--to", choices=["lora", "merged"], default="lora")

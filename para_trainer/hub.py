@@ -447,7 +447,7 @@ def push(paths, repo_id: str, revision: str | None = None, private: bool = False
 LICENSES = {"sd_v1": "creativeml-openrail-m", "sd_v2": "openrail++", "sd_v2_v": "openrail++",
             "sdxl_base_v1-0": "openrail++"}
 BASE_NAMES = {"sd_v1": "Stable Diffusion 1.x", "sd_v2": "Stable Diffusion 2.x (512)",
-              "sd_v2_v": "Stable Diffusion 2.x (768-v)", "sdxl_base_v1-0": "Stable Diffusion XL"}
+              "sd_v2_v": "Stable Diffusion 2.x (768-v)", "sdxl_base_v1-0": "Stable Diffusion XL", "flux1": "FLUX.1"}
 SETTINGS = [("ss_base_model_version", "base model version"), ("ss_sd_model_name", "base model"),
             ("ss_network_module", "network module"), ("ss_network_dim", "rank (network_dim)"),
             ("ss_network_alpha", "network_alpha"), ("ss_network_args", "network_args"), ("ss_steps", "steps"),
@@ -527,7 +527,7 @@ def build_model_card(entries: dict[str, str], repo_id: str, base_model: str | No
     triggers = _trigger_words(meta)
     samples = _newest_samples(entries)
     user_tags = [t.strip() for t in meta.get("modelspec.tags", "").split(",") if t.strip()]
-    tags = ["para", "lora", "stable-diffusion", "text-to-image", "para-trainer"] + \
+    tags = ["para", "lora", "flux" if version == "flux1" else "stable-diffusion", "text-to-image", "para-trainer"] + \
         (["stable-diffusion-xl"] if version.startswith("sdxl") else []) + (["diffusers"] if lora else []) + user_tags
     data = ModelCardData(
         base_model=base, license=meta.get("modelspec.license") or LICENSES.get(version), tags=list(dict.fromkeys(tags)),
@@ -550,11 +550,13 @@ def _card_body(title, repo_id, meta, native, lora, base, triggers, samples, base
         lines += [meta["modelspec.description"], ""]
     lines += ["## Trigger words", "", "Use " + (", ".join(f"`{t}`" for t in triggers) if triggers else
                                                "the words of the training captions") + " in the prompt.", ""]
+    flux = meta.get("ss_base_model_version") == "flux1"  # AUTOMATIC1111 has no FLUX; Forge has
     lines += ["## Files", "", "| file | what it is |", "|---|---|",
-              f"| `{native}` | native PaRa file: para-trainer and the PaRa extension for AUTOMATIC1111 |"]
+              f"| `{native}` | native PaRa file: para-trainer" + ("" if flux else
+                                                                 " and the PaRa extension for AUTOMATIC1111") + " |"]
     if lora:
-        lines.append(f"| `{lora}` | the same adapter as an exact LoRA/LoCon: AUTOMATIC1111, Forge, ComfyUI, "
-                     "diffusers |")
+        lines.append(f"| `{lora}` | the same adapter as an exact LoRA/LoCon: "
+                     f"{'' if flux else 'AUTOMATIC1111, '}Forge, ComfyUI, diffusers |")
     if samples:
         lines.append("| `sample/` | images made during training (prompt in each PNG's parameters) |")
     lines.append("")
@@ -562,7 +564,7 @@ def _card_body(title, repo_id, meta, native, lora, base, triggers, samples, base
         stem = os.path.splitext(lora_name)[0]
         load = f'pipe.load_lora_weights("{repo_id}", weight_name="{lora_name}"' + \
             (f', subfolder="{subfolder}")' if subfolder else ")")
-        lines += ["## Use it", "", "### AUTOMATIC1111 / Forge", "",
+        lines += ["## Use it", "", "### Forge" if flux else "### AUTOMATIC1111 / Forge", "",
                   f"Download `{lora}` into `models/Lora/` and add `<lora:{stem}:1>` to the prompt.", "",
                   "### ComfyUI", "",
                   f"Put `{lora_name}` in `ComfyUI/models/loras/` and load it with a **Load LoRA** node between the "
@@ -570,7 +572,7 @@ def _card_body(title, repo_id, meta, native, lora, base, triggers, samples, base
                   "from diffusers import AutoPipelineForText2Image", "",
                   *([] if base else [f"# BASE_MODEL: the model it was trained on ({meta.get('ss_sd_model_name')})"]),
                   f'pipe = AutoPipelineForText2Image.from_pretrained("{base or "BASE_MODEL"}", '
-                  'torch_dtype=torch.float16).to("cuda")', load, f'image = pipe("{prompt}").images[0]', "```", ""]
+                  f'torch_dtype=torch.{"bfloat16" if flux else "float16"}).to("cuda")', load, f'image = pipe("{prompt}").images[0]', "```", ""]
     else:
         lines += ["## Use it", "", f"Export it for AUTOMATIC1111, ComfyUI and diffusers with "
                   f"`para-trainer export hf://{repo_id}/{native} --model BASE -o {title}_lora.safetensors`.", ""]

@@ -25,6 +25,9 @@ BUILTIN_MODELS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "to
 ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v1_v": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
                  "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
                  "flux1": "flux-1-dev"}
+# modelspec.implementation as sd-scripts writes it for an adapter of each base (SD1/SD2: "diffusers")
+IMPLEMENTATIONS = {"sdxl_base_v1-0": "https://github.com/Stability-AI/generative-models",
+                   "flux1": "https://github.com/black-forest-labs/flux"}
 
 
 class ModelError(ValueError):
@@ -74,6 +77,13 @@ class StableDiffusionModels:
     @property
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
+
+    latent_shift = 0.0  # FLUX's autoencoder has one
+
+    @property
+    def architecture(self) -> str:
+        """ModelSpec's architecture (without "/lora")."""
+        return ARCHITECTURES[self.base_model_version]
 
 
 def noise_scheduler(v_parameterization: bool):

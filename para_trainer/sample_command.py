@@ -87,7 +87,8 @@ def sample(models, networks: list[tuple[AdapterFile, float]], prompts: list[Samp
         layer_chains(adapter, models, strength)
     out_dir.mkdir(parents=True, exist_ok=True)
     if size is None:
-        side = models.unet.config.sample_size * 2 ** (len(models.vae.config.block_out_channels) - 1)
+        side = models.vae.config.sample_size if models.kind == "flux" else \
+            models.unet.config.sample_size * 2 ** (len(models.vae.config.block_out_channels) - 1)
         size = (side, side)
     prediction_type = "v_prediction" if models.v_parameterization else None
 
@@ -174,7 +175,7 @@ def add_subcommand(commands) -> None:
 
     sample_parser = commands.add_parser("sample", help="images with adapters applied, and a contact sheet")
     sample_parser.add_argument("--model", required=True, help="the base model: diffusers folder, .safetensors/.ckpt, "
-                                                              "Hub id or builtin:toy-sd1|tiny-sd1|tiny-sd2|tiny-sdxl")
+                                                              "Hub id or builtin:toy-sd1|tiny-sd1|tiny-sd2|tiny-sdxl|tiny-flux")
     sample_parser.add_argument("--network", action="append", metavar="FILE[:STRENGTH]",
                                help="an adapter (native PaRa, merged, LoRA/LoCon, LoKr); repeat for several, "
                                     "applied in order")

@@ -80,6 +80,7 @@ class SamplePrompt:
     steps: int | None = None
     scale: float | None = None
     sampler: str | None = None
+    guidance: float | None = None  # --g: FLUX's embedded guidance (sd-scripts' default 3.5); no effect on SD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ _LINE_OPTIONS = [
     (re.compile(r"rcfg (.+)", re.IGNORECASE), "renorm_cfg"),
 ]
 # Keys sd-scripts reads only for other models (FLUX, Lumina) or ControlNet training: no effect on SD/SDXL samples.
-_KEYS_WITHOUT_EFFECT = {"guidance_scale", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg"}
+_KEYS_WITHOUT_EFFECT = {"controlnet_image", "cfg_trunc_ratio", "renorm_cfg"}
 _INT_KEYS = {"width": "width", "height": "height", "seed": "seed", "sample_steps": "steps"}
 
 
@@ -193,17 +194,18 @@ def _line_value(key: str, value: str, where: str):
         return int(value)
     if key == "sample_steps":
         return max(1, min(1000, int(value)))  # sd-scripts clamps --s
-    if key == "scale":
+    if key in ("scale", "guidance_scale"):
         try:
             return float(value)
         except ValueError:
-            raise SamplingError(f"{where}: --l {value} is not a number (the CFG scale, e.g. --l 7.5)") from None
+            option = "--l" if key == "scale" else "--g"
+            raise SamplingError(f"{where}: {option} {value} is not a number ({_OPTION_VALUES[option[2:]]})") from None
     return value
 
 
 def _prompt_from_dict(prompt_dict: dict, where: str) -> SamplePrompt:
-    unknown = set(prompt_dict) - {"prompt", "negative_prompt", "scale", "sample_sampler", *_INT_KEYS,
-                                  *_KEYS_WITHOUT_EFFECT}
+    unknown = set(prompt_dict) - {"prompt", "negative_prompt", "scale", "guidance_scale", "sample_sampler",
+                                  *_INT_KEYS, *_KEYS_WITHOUT_EFFECT}
     if unknown:
         logger.warning("%s: unknown key(s) %s are ignored (as sd-scripts does)", where, ", ".join(sorted(unknown)))
     ignored = sorted(_KEYS_WITHOUT_EFFECT & set(prompt_dict))
@@ -227,6 +229,10 @@ def _prompt_from_dict(prompt_dict: dict, where: str) -> SamplePrompt:
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise SamplingError(f"{where}: scale must be a number (the CFG scale), not {scale!r}")
     fields["scale"] = None if scale is None else float(scale)
+    guidance = prompt_dict.get("guidance_scale")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)):
+        raise SamplingError(f"{where}: guidance_scale must be a number (FLUX's guidance), not {guidance!r}")
+    fields["guidance"] = None if guidance is None else float(guidance)
     sampler = _text(prompt_dict, "sample_sampler", where)
     fields["sampler"] = None if sampler is None else _check_sampler(sampler, where)
     return SamplePrompt(**fields)
@@ -338,6 +344,8 @@ def generate_image(pipe, prompt: SamplePrompt, default_sampler: str = "ddim",
     `autocast_dtype`: run under torch.autocast, for pipelines whose components differ in precision.
     The image's info["parameters"] holds the settings (AUTOMATIC1111 format).
     """
+    if type(pipe).__name__.startswith("Flux"):
+        return _generate_flux_image(pipe, prompt, default_size, device)
     settings = resolve_settings(prompt, default_sampler, default_size)
     if settings.sampler == "pndm" and settings.steps < PNDM_MIN_STEPS:
         raise SamplingError(f"sampler pndm needs at least {PNDM_MIN_STEPS} steps, not {settings.steps}")
@@ -368,6 +376,33 @@ def generate_image(pipe, prompt: SamplePrompt, default_sampler: str = "ddim",
         finally:
             pipe.scheduler = original_scheduler
     image.info["parameters"] = settings.parameters_text(None if is_sdxl else clip_skip)
+    return image
+
+
+FLUX_DEFAULT_GUIDANCE = 3.5
+FLUX_DEFAULT_STEPS = 20
+
+
+def _generate_flux_image(pipe, prompt: SamplePrompt, default_size: tuple[int, int], device) -> Image.Image:
+    """FLUX as sd-scripts samples it: Euler on the flow with FLUX's resolution-dependent shift (the pipeline's
+    FlowMatchEulerDiscreteScheduler), the embedded guidance --g (3.5), 20 steps, sizes down to a multiple of 16;
+    true CFG only when the prompt gives --l above 1 and a negative prompt."""
+    width = prompt.width if prompt.width is not None else default_size[0]
+    height = prompt.height if prompt.height is not None else default_size[1]
+    width, height = max(MIN_SIZE, width - width % 16), max(MIN_SIZE, height - height % 16)
+    steps = prompt.steps if prompt.steps is not None else FLUX_DEFAULT_STEPS
+    guidance = prompt.guidance if prompt.guidance is not None else FLUX_DEFAULT_GUIDANCE
+    seed = prompt.seed if prompt.seed is not None else secrets.randbelow(2**32)
+    true_cfg = prompt.scale if prompt.scale and prompt.scale > 1 and prompt.negative_prompt else 1.0
+    logger.info("sample: %r, %dx%d, %d steps, guidance %g, seed %d", prompt.prompt, width, height, steps, guidance,
+                seed)
+    with _components_on(pipe, device), _forked_rng(), torch.no_grad():
+        image = pipe(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None, true_cfg_scale=true_cfg,
+                     height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                     max_sequence_length=min(512, pipe.tokenizer_2.model_max_length),
+                     generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]
+    image.info["parameters"] = (f"{prompt.prompt}\nSteps: {steps}, Sampler: Euler (flow), Guidance: {guidance:g}, "
+                                f"CFG scale: {true_cfg:g}, Seed: {seed}, Size: {width}x{height}")
     return image
 
 

@@ -32,7 +32,7 @@ from networks.adapter_base import (
 from networks.para import Q_KEY, chain_delta_weight, chain_lora_factors, check_stages_fit, stages_from_file
 
 from .. import __version__
-from ..models import ARCHITECTURES
+from ..models import IMPLEMENTATIONS
 from .adapter_files import layer_chains, read_adapter
 from .metadata import FINGERPRINT_KEY, base_fingerprint, file_sha256
 
@@ -199,12 +199,6 @@ def _rank_summary(ranks: dict[str, int], conv3x3: set[str]) -> tuple[int, int | 
     return dim, (max(conv) if conv else None), len(linear) > 1 or len(conv) > 1
 
 
-FLUX_VERSION = "flux1"
-# modelspec.implementation as sd-scripts writes it for a LoRA of each base (SD1/SD2: "diffusers")
-IMPLEMENTATIONS = {"sdxl_base_v1-0": "https://github.com/Stability-AI/generative-models",
-                   FLUX_VERSION: "https://github.com/black-forest-labs/flux"}
-
-
 def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[str, int], conv3x3: set[str],
                    native_sha256: str, precision: str, overrides: dict | None) -> dict[str, str]:
     version = models.base_model_version
@@ -226,14 +220,14 @@ def _lora_metadata(native: dict[str, str], models, out_path: str, ranks: dict[st
         "ss_base_model_version": version,  # A1111/Forge file the LoRA under SD1/SD2/SDXL by this
         "ss_output_name": Path(out_path).stem,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{ARCHITECTURES[version]}/lora",
+        "modelspec.architecture": f"{models.architecture}/lora",
         "modelspec.implementation": IMPLEMENTATIONS.get(version, "diffusers"),
         "modelspec.prediction_type": "v" if models.v_parameterization else "epsilon",
         "para.exported_from": native_sha256,
         "para.export_precision": precision,
         "para_trainer.version": __version__,
     })
-    if version == FLUX_VERSION:
+    if models.kind == "flux":
         del metadata["modelspec.prediction_type"]  # sd-scripts writes none for flow-matching models
     metadata.setdefault("modelspec.title", metadata["ss_output_name"])
     metadata.setdefault("modelspec.date", time.strftime("%Y-%m-%dT%H:%M:%S"))

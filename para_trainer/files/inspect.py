@@ -39,7 +39,8 @@ DOTTED_PART = re.compile(
 CONV3X3_NAME = re.compile(r"_(conv1|conv2|conv|op|in_layers_2|out_layers_3|conv_in|conv_out)$")
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
 ARCHITECTURE_VERSIONS = {"stable-diffusion-v1": "sd_v1", "stable-diffusion-v2-512": "sd_v2",
-                         "stable-diffusion-v2-768-v": "sd_v2_v", "stable-diffusion-xl-v1-base": "sdxl_base_v1-0"}
+                         "stable-diffusion-v2-768-v": "sd_v2_v", "stable-diffusion-xl-v1-base": "sdxl_base_v1-0",
+                         "flux-1-dev": "flux1", "flux-1-schnell": "flux1"}
 CROSS_ATTENTION_WIDTHS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
 TEXT_ENCODER_WIDTHS = {768: "sd_v1", 1024: "sd_v2"}
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -194,6 +195,10 @@ def _version_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str | 
 
 
 def _version_from_keys(keys: list[str], groups: dict[str, dict[str, str]], entries) -> tuple[str | None, str | None]:
+    flux_blocks = ("double_blocks.", "single_blocks.", "model.diffusion_model.double_blocks.")
+    if any(k.startswith(flux_blocks) or k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))
+           for k in keys):
+        return "flux1", "guessed from key names"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl_base_v1-0", "guessed from key names"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -387,7 +392,8 @@ def format_report(report: dict) -> str:
     version = report.get("base_model_version")
     lines.append(f"base model: {version} ({report['base_model_source']})" if version else "base model: unknown")
     if report.get("modules"):
-        lines.append(f"modules: {report['modules']} (text encoder {report['text_encoder_modules']}, UNet "
+        denoiser = "FLUX transformer" if version == "flux1" else "UNet"
+        lines.append(f"modules: {report['modules']} (text encoder {report['text_encoder_modules']}, {denoiser} "
                      f"{report['unet_modules']}), on k x k convolutions: {report['conv_modules']}")
     ranks = report.get("ranks")
     if ranks:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from .. import __version__
-from ..models import ARCHITECTURES
+from ..models import IMPLEMENTATIONS
 
 # What sd-scripts keeps with --no_metadata.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -34,6 +34,10 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+FLUX_METADATA = ("apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
+                 "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift", "model_type")
 
 
 def training_metadata(args, models, dataset, net_kwargs: dict, optimizer_description: str, session_id: int,
@@ -88,6 +92,8 @@ def training_metadata(args, models, dataset, net_kwargs: dict, optimizer_descrip
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs),
         "para_trainer.version": __version__,
     }
+    if models.kind == "flux":  # FluxNetworkTrainer.update_metadata's keys
+        metadata.update({f"ss_{name}": getattr(args, name) for name in FLUX_METADATA})
     if args.dataset_config:
         metadata["ss_datasets"] = json.dumps(dataset.subset_summaries())
     else:
@@ -136,15 +142,16 @@ def modelspec(args, models, timestamp: float) -> dict[str, str]:
         resolution = {"sdxl_base_v1-0": "1024x1024", "sd_v2_v": "768x768"}.get(version, "512x512")
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{ARCHITECTURES[version]}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if models.is_sdxl
-        else "diffusers",
+        "modelspec.architecture": f"{models.architecture}/lora",
+        "modelspec.implementation": IMPLEMENTATIONS.get(version, "diffusers"),
         "modelspec.implementation_version": f"para-trainer/{__version__}",
         "modelspec.title": args.metadata_title or args.output_name or f"PaRa@{int(timestamp)}",
         "modelspec.resolution": resolution,
         "modelspec.date": datetime.datetime.fromtimestamp(timestamp).replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "v" if models.v_parameterization else "epsilon",
     }
+    if models.kind == "flux":
+        del spec["modelspec.prediction_type"]  # sd-scripts writes none for FLUX
     if args.min_timestep is not None or args.max_timestep is not None:
         spec["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
     if args.clip_skip is not None:

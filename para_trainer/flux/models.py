@@ -51,6 +51,24 @@ class FluxModels:
         return BASE_MODEL_VERSION
 
     @property
+    def latent_scale(self) -> float:
+        return self.vae.config.scaling_factor
+
+    @property
+    def latent_shift(self) -> float:
+        return self.vae.config.shift_factor
+
+    @property
+    def default_t5_max_length(self) -> int:
+        """sd-scripts' --t5xxl_max_token_length default: 512 for dev, 256 for schnell (at most the tokenizer's)."""
+        return min(512 if self.has_guidance else 256, self.tokenizers[1].model_max_length)
+
+    @property
+    def architecture(self) -> str:
+        """ModelSpec's architecture: dev embeds the guidance scale, schnell does not."""
+        return "flux-1-dev" if self.has_guidance else "flux-1-schnell"
+
+    @property
     def has_guidance(self) -> bool:
         """FLUX.1 dev embeds the guidance scale; schnell does not."""
         return bool(self.unet.config.guidance_embeds)

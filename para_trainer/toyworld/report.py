@@ -18,7 +18,8 @@ from .model import UNET_CONFIG
 def is_toy_model(unet) -> bool:
     """Whether a UNet has toy-sd1's architecture (whatever file or folder it came from)."""
     config = unet.config
-    return (list(config.block_out_channels) == UNET_CONFIG["block_out_channels"]
+    return (list(getattr(config, "block_out_channels", [])) == UNET_CONFIG["block_out_channels"]
+            and list(config.block_out_channels) == UNET_CONFIG["block_out_channels"]
             and config.cross_attention_dim == UNET_CONFIG["cross_attention_dim"]
             and config.sample_size == UNET_CONFIG["sample_size"])
 

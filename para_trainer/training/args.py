@@ -82,7 +82,30 @@ SDXL_SCRIPT_OPTIONS = (  # added by sdxl_train_network.py: accepted so SDXL conf
     OptionSpec("cache_text_encoder_outputs_to_disk", "StoreTrue", "bool", None, False, None),
     OptionSpec("disable_mmap_load_safetensors", "StoreTrue", "bool", None, False, None),
 )
-OPTION_SPECS = tuple(read_option_table()) + PARA_OPTIONS + SDXL_SCRIPT_OPTIONS
+FLUX_SCRIPT_OPTIONS = (  # added by flux_train_network.py (flux-contract §3.1), with its defaults
+    OptionSpec("clip_l", "Store", "str", None, None, None),
+    OptionSpec("t5xxl", "Store", "str", None, None, None),
+    OptionSpec("ae", "Store", "str", None, None, None),
+    OptionSpec("controlnet_model_name_or_path", "Store", "str", None, None, None),
+    OptionSpec("t5xxl_max_token_length", "Store", "int", None, None, None),
+    OptionSpec("apply_t5_attn_mask", "StoreTrue", "bool", None, False, None),
+    OptionSpec("guidance_scale", "Store", "float", None, 3.5, None),
+    OptionSpec("timestep_sampling", "Store", "str", None, "sigma", ("sigma", "uniform", "sigmoid", "shift", "flux_shift")),
+    OptionSpec("sigmoid_scale", "Store", "float", None, 1.0, None),
+    OptionSpec("model_prediction_type", "Store", "str", None, "sigma_scaled", ("raw", "additive", "sigma_scaled")),
+    OptionSpec("discrete_flow_shift", "Store", "float", None, 3.0, None),
+    OptionSpec("model_type", "Store", "str", None, "flux", ("flux", "chroma")),
+    OptionSpec("text_encoder_batch_size", "Store", "int", None, None, None),
+    OptionSpec("weighting_scheme", "Store", "str", None, "uniform",
+               ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")),
+    OptionSpec("logit_mean", "Store", "float", None, 0.0, None),
+    OptionSpec("logit_std", "Store", "float", None, 1.0, None),
+    OptionSpec("mode_scale", "Store", "float", None, 1.29, None),
+    OptionSpec("blocks_to_swap", "Store", "int", None, None, None),
+    OptionSpec("split_mode", "StoreTrue", "bool", None, False, None),
+)
+FLUX_ONLY = frozenset(spec.name for spec in FLUX_SCRIPT_OPTIONS)
+OPTION_SPECS = tuple(read_option_table()) + PARA_OPTIONS + SDXL_SCRIPT_OPTIONS + FLUX_SCRIPT_OPTIONS
 SPECS_BY_NAME = {spec.name: spec for spec in OPTION_SPECS}
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +137,9 @@ SUPPORTED_GROUPS = {
                "metadata_tags metadata_usage_hint metadata_trigger_phrase metadata_thumbnail metadata_merged_from "
                "metadata_preprocessor metadata_is_negative_embedding",
     "config": "config_file output_config",
+    "flux": "clip_l t5xxl ae t5xxl_max_token_length apply_t5_attn_mask guidance_scale timestep_sampling "
+            "sigmoid_scale model_prediction_type discrete_flow_shift model_type weighting_scheme logit_mean logit_std "
+            "mode_scale",
 }
 SUPPORTED = frozenset(" ".join(SUPPORTED_GROUPS.values()).split())
 
@@ -121,6 +147,7 @@ SUPPORTED = frozenset(" ".join(SUPPORTED_GROUPS.values()).split())
 SUPPORTED_VALUES = {
     "loss_type": (("l2", "l1"), "only the l2 and l1 losses are implemented (not huber or smooth_l1)"),
     "log_with": ((None, "tensorboard"), "only TensorBoard logging is implemented (not wandb)"),
+    "model_type": (("flux",), "only FLUX.1 is implemented (not Chroma)"),
     "lr_scheduler": (("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
                      "use one of constant (the default), constant_with_warmup, linear, cosine, cosine_with_restarts, "
                      "polynomial"),
@@ -140,7 +167,7 @@ HARMLESS = {  # accepted; no effect on the adapter or the files written
     **dict.fromkeys(["max_data_loader_n_workers", "persistent_data_loader_workers", "lowram", "highvram",
                      "vae_batch_size", "skip_cache_check", "cache_info", "cpu_offload_checkpointing",
                      "disable_mmap_load_safetensors", "cache_text_encoder_outputs",
-                     "cache_text_encoder_outputs_to_disk"], _SPEED),
+                     "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size"], _SPEED),
     **dict.fromkeys(["torch_compile", "dynamo_backend"], "compilation changes only speed; para-trainer runs eagerly"),
     **dict.fromkeys(["ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"],
                     "tunes only multi-GPU communication"),
@@ -182,6 +209,11 @@ UNSUPPORTED_REASONS = {  # the rest is rejected when used; these say why, others
     "resize_interpolation": "choosing the resize interpolation is not implemented",
     "debug_dataset": "the dataset viewer is not implemented",
     "fused_backward_pass": "it changes how the optimizer steps and is not implemented",
+    **dict.fromkeys(["blocks_to_swap", "split_mode"],
+                    "swapping FLUX blocks between GPU and CPU memory is not implemented in para-trainer's trainer "
+                    "(use --gradient_checkpointing; for 12-16 GB GPUs train in sd-scripts' flux_train_network.py "
+                    "with --network_module=networks.para, where --blocks_to_swap works)"),
+    "controlnet_model_name_or_path": "ControlNet training is not implemented",
 }
 UNSUPPORTED_DEFAULT_REASON = "para-trainer does not implement it"
 
@@ -457,6 +489,38 @@ def _combination_problems(args) -> list[str]:
     if (args.cache_latents or args.cache_latents_to_disk) and args.random_crop and args.dataset_config is None:
         problems.append("--cache_latents cannot be used with --random_crop (each epoch crops differently)")
     return problems + _hub_problems(args)
+
+
+# Stable Diffusion options that sd-scripts' FLUX trainer ignores or that mean nothing for a flow-matching model
+SD_ONLY_ON_FLUX = {
+    "min_snr_gamma": "it weights epsilon/v losses by their SNR; FLUX's flow-matching loss has --weighting_scheme",
+    "noise_offset": "sd-scripts' FLUX trainer draws plain noise",
+    "clip_skip": "FLUX uses CLIP-L's pooled output and T5's last layer",
+    "min_timestep": "FLUX draws its timesteps with --timestep_sampling",
+    "max_timestep": "FLUX draws its timesteps with --timestep_sampling",
+    "max_token_length": "FLUX reads 77 CLIP tokens and --t5xxl_max_token_length T5 tokens",
+}
+
+
+def check_model_options(args, kind: str) -> None:
+    """Options of one architecture given for another: one ArgsError naming the option and the model."""
+    specs = {spec.name: spec for spec in FLUX_SCRIPT_OPTIONS}
+    if kind != "flux":
+        used = [name for name in sorted(FLUX_ONLY) if _in_use(getattr(args, name, None), specs[name].default)]
+        if used:
+            raise ArgsError(f"--{used[0]} is a FLUX.1 option (flux_train_network.py); "
+                            f"{args.pretrained_model_name_or_path} is a Stable Diffusion model: leave it out")
+        return
+    for name, reason in SD_ONLY_ON_FLUX.items():
+        if _in_use(getattr(args, name, None), SPECS_BY_NAME[name].default):
+            raise ArgsError(f"--{name} is a Stable Diffusion option and {args.pretrained_model_name_or_path} is "
+                            f"FLUX.1: {reason}. Leave it out")
+    if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
+        raise ArgsError(f"--t5xxl_max_token_length {args.t5xxl_max_token_length}: give a whole number above 0 (sd-scripts"
+                        " uses 512 for dev, 256 for schnell)")
+    if args.guidance_scale < 0:
+        raise ArgsError(f"--guidance_scale {args.guidance_scale}: the embedded guidance cannot be negative (sd-scripts' "
+                        "docs use 1.0 for training FLUX.1 dev)")
 
 
 def _hub_problems(args) -> list[str]:

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from ..files import metadata as file_metadata
 from ..files.export import lora_export_path
+from ..flux.training import flow_scheduler, flux_training_loss
 from ..models import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
 from ..paths import file_in_the_way
-from .args import ArgsError, parse_args
+from .args import ArgsError, check_model_options, parse_args
 from .data import DataError, TrainDataset, load_blueprints
 from .optimizers import OptimizerError, build_optimizer
 
@@ -207,13 +208,15 @@ def train(args, status: RunStatus | None = None) -> None:
     # 3. models
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     models = load_models(args)
-    dataset.check_bucket_reso_steps(32 if models.is_sdxl else 64)
+    check_model_options(args, models.kind)
+    dataset.check_bucket_reso_steps(32 if models.is_sdxl or models.kind == "flux" else 64)
     setup_attention(args, models)
     device = accelerator.device
     for model in (models.unet, *models.text_encoders):
         model.to(device, weight_dtype if (args.full_fp16 or args.full_bf16) else None)
     models.vae.to(device, torch.float32 if args.no_half_vae else None)
-    scheduler = noise_scheduler(models.v_parameterization)
+    scheduler = flow_scheduler(args.discrete_flow_shift) if models.kind == "flux" else \
+        noise_scheduler(models.v_parameterization)
 
     # 4. network
     network, net_kwargs, train_text_encoder = build_network(args, models, weight_dtype, device)
@@ -361,6 +364,10 @@ def train(args, status: RunStatus | None = None) -> None:
 
 
 def setup_attention(args, models) -> None:
+    if models.kind == "flux":  # diffusers' FLUX attention runs PyTorch SDPA; xformers through its backend switch
+        if args.xformers:
+            models.unet.set_attention_backend("xformers")
+        return
     if args.xformers:
         models.unet.enable_xformers_memory_efficient_attention()
         models.vae.enable_xformers_memory_efficient_attention()
@@ -451,15 +458,19 @@ def encode_images(models, images: torch.Tensor, generators: list[torch.Generator
     else:
         latents = distribution.mean + distribution.std * per_sample_normal(distribution.mean.shape, generators).to(
             distribution.mean.device, distribution.mean.dtype)
-    return latents * models.latent_scale
+    return (latents - models.latent_shift) * models.latent_scale  # FLUX's AE has a shift, SD's VAE none
 
 
 def training_loss(args, models, scheduler, batch: dict, generators: list[torch.Generator], train_text_encoder: bool,
                   device) -> torch.Tensor:
-    """One micro-batch's loss: sd-scripts' noise prediction loss with prior weights, noise offset and min-SNR."""
+    """One micro-batch's loss: sd-scripts' noise prediction loss with prior weights, noise offset and min-SNR
+    (FLUX: its flow-matching loss)."""
     with torch.no_grad():
         latents = batch["latents"] if "latents" in batch else encode_images(models, batch["images"], generators)
     latents = latents.to(device, torch.float32)
+    if models.kind == "flux":
+        return flux_training_loss(args, models, scheduler, latents, batch["captions"], batch["loss_weights"],
+                                  generators, train_text_encoder, device)
     with torch.set_grad_enabled(train_text_encoder):
         hidden, added = encode_prompts(models, batch["captions"], args.clip_skip, args.max_token_length)
     batch_size = latents.shape[0]
