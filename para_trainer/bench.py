@@ -45,6 +45,8 @@ class BenchError(ValueError):
 TARGET_PATH = re.compile(r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
 TARGET_KEY_REGEX = r"_transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_(0_proj|2))$"  # sd-scripts names
 TARGET_DESCRIPTION = "attn1/attn2 to_q, to_k, to_v, to_out.0 and ff.net.0.proj, ff.net.2 of every transformer block"
+FLUX_TARGET_DESCRIPTION = ("every Linear of the double and single blocks (diffusers' split layers; PaRa stacks "
+                           "q/k/v and linear1's parts as the BFL layout fuses them, so it counts fewer modules)")
 
 METHODS = ("floor", "para", "peft-lora", "peft-para", "locon", "lokr", "sd-lora", "krona")
 METHOD_LABELS = {
@@ -67,7 +69,14 @@ BENCH_UNET = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "layers_per_block": 1,
 }
-UNET_CHOICES = ("bench", "sd1", "sd2", "sdxl", "tiny")
+UNET_CHOICES = ("bench", "sd1", "sd2", "sdxl", "tiny", "flux")
+# --unet flux: diffusers' FluxTransformer2DModel with FLUX.1's block types (double- and single-stream, fused
+# q/k/v and linear1 in the BFL layout that PaRa's files use) at a CPU-sized width: 8 heads of 64 (FLUX.1: 24 of 128)
+BENCH_FLUX = {"in_channels": 64, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64,
+              "num_attention_heads": 8, "joint_attention_dim": 512, "pooled_projection_dim": 256,
+              "guidance_embeds": True, "axes_dims_rope": (8, 28, 28)}
+FLUX_TARGET_PATH = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.")
+FLUX_METHODS = ("floor", "para", "peft-lora", "peft-para", "locon", "lokr")  # sd-lora and krona: SD UNets only
 QUIET_LOGGERS = ("networks.para", "networks.krona", "peft")
 
 
@@ -114,7 +123,22 @@ def build_unet(options, device: torch.device, dtype: torch.dtype):
 
     from .tiny_models import read_tiny_config, real_unet_config
 
-    if options.model:
+    if options.unet == "flux" and not options.model:
+        from diffusers import FluxTransformer2DModel
+
+        from .flux.tiny import read_config
+
+        config = {k: v for k, v in read_config("transformer").items() if not k.startswith("_")} \
+            if getattr(options, "smoke", False) else BENCH_FLUX  # smoke: builtin:tiny-flux's widths
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = FluxTransformer2DModel(**config)
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        description = (f"flux: FluxTransformer2DModel with random weights, {config['num_layers']} double + "
+                       f"{config['num_single_layers']} single blocks, {config['num_attention_heads']} heads x "
+                       f"{config['attention_head_dim']} (hidden {hidden}), T5 width {config['joint_attention_dim']}; "
+                       "every Linear of the blocks adapted (lora_flux's default)")
+    elif options.model:
         from .files.export import load_base_model
 
         unet = load_base_model(options.model).unet
@@ -146,6 +170,18 @@ def make_batch(unet, batch_size: int, latent_size: int, device: torch.device) ->
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device)
 
+    if is_flux(unet):  # packed 2x2 latent patches and 64 T5 tokens
+        side = latent_size // 2
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+        return {"hidden_states": randn(batch_size, side * side, config.in_channels).requires_grad_(True),
+                "encoder_hidden_states": randn(batch_size, 64, config.joint_attention_dim),
+                "pooled_projections": randn(batch_size, config.pooled_projection_dim),
+                "timestep": torch.rand(batch_size, generator=generator).to(device),
+                "guidance": torch.full((batch_size,), 3.5, device=device),
+                "img_ids": ids.reshape(-1, 3).to(device), "txt_ids": torch.zeros(64, 3, device=device),
+                "target": randn(batch_size, side * side, config.in_channels)}
+
     batch = {
         "sample": randn(batch_size, config.in_channels, latent_size, latent_size).requires_grad_(True),
         "timestep": torch.randint(0, 1000, (batch_size,), generator=generator).to(device),
@@ -158,9 +194,13 @@ def make_batch(unet, batch_size: int, latent_size: int, device: torch.device) ->
     return batch
 
 
+def is_flux(unet) -> bool:
+    return hasattr(unet, "single_transformer_blocks")
+
+
 def target_layers(unet) -> dict[str, torch.nn.Linear]:
-    layers = {name: m for name, m in unet.named_modules()
-              if TARGET_PATH.search(name) and isinstance(m, torch.nn.Linear)}
+    path = FLUX_TARGET_PATH if is_flux(unet) else TARGET_PATH
+    layers = {name: m for name, m in unet.named_modules() if path.search(name) and isinstance(m, torch.nn.Linear)}
     if not layers:
         raise BenchError("the UNet has no transformer-block attention/feed-forward Linear layers to adapt; "
                          "use a Stable Diffusion UNet (--unet or --model)")
@@ -188,7 +228,8 @@ def _network_attachment(network, unet, device) -> Attached:
 def attach_para(unet, rank, device):
     from networks import para
 
-    network = para.create_network(1.0, rank, None, None, None, unet, include=TARGET_KEY_REGEX)
+    network = para.create_network(1.0, rank, None, None, None, unet,
+                                  **({} if is_flux(unet) else {"include": TARGET_KEY_REGEX}))
     return _network_attachment(network, unet, device)
 
 
@@ -406,6 +447,12 @@ def make_setup(options) -> Setup:
     precision = options.precision or ("bf16" if device.type == "cuda" else "fp32")
     weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     unet, description = build_unet(options, device, weight_dtype)
+    if is_flux(unet):
+        other = [m for m in options.methods if m not in FLUX_METHODS]
+        if other and options.methods != list(METHODS):
+            raise BenchError(f"--methods {other[0]}: on FLUX the bench runs {', '.join(FLUX_METHODS)} "
+                             "(sd-lora and krona target SD UNets only)")
+        options.methods = [m for m in options.methods if m in FLUX_METHODS]
     widths = [(m.in_features, m.out_features) for m in target_layers(unet).values()]
     narrowest = min(d_out for _, d_out in widths)
     if any(m in options.methods for m in ("para", "peft-para")) and not all(0 < r < narrowest for r in options.ranks):
@@ -448,7 +495,7 @@ class Session:
         if self.optimizer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        setup.batch["sample"].grad = None
+        setup.batch["hidden_states" if "hidden_states" in setup.batch else "sample"].grad = None
 
     def sync(self) -> None:
         if self.setup.device.type == "cuda":
@@ -695,7 +742,8 @@ def conditions(options, setup: Setup) -> dict:
             "precision": setup.precision, "unet": setup.unet_description, "latent_size": options.latent_size,
             "batch_size": options.batch_size, "ranks": options.ranks, "warmup": options.warmup,
             "steps": options.steps, "rounds": options.rounds,
-            "targets": f"{len(setup.widths)} layers: {TARGET_DESCRIPTION}",
+            "targets": f"{len(setup.widths)} layers: "
+                       f"{FLUX_TARGET_DESCRIPTION if is_flux(setup.unet) else TARGET_DESCRIPTION}",
             "sum_d_out": sum(o for _, o in setup.widths), "sum_d_in": sum(i for i, _ in setup.widths),
             "optimizer": f"torch.optim.AdamW(lr=1e-4, fused={fused_adamw(setup.device)})", "versions": versions}
 
@@ -839,13 +887,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-files", metavar="DIR", help="keep every method's saved file in DIR")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--smoke", action="store_true",
-                        help="CI mode: tiny UNet, 8x8 latents, ranks 2,4, one round of 2 steps")
+                        help="CI mode: tiny UNet (or --unet flux's), 8x8 latents, ranks 2,4, one round of 2 steps")
 
 
 def run(options) -> int:
     """`para-trainer bench` (options from `add_arguments`); errors are printed as one line, exit status 2."""
     if options.smoke:
-        options.unet, options.latent_size, options.rounds, options.steps, options.warmup = "tiny", 8, 1, 2, 0
+        options.latent_size, options.rounds, options.steps, options.warmup = 8, 1, 2, 0
+        options.unet = "flux" if options.unet == "flux" else "tiny"
         if options.ranks == [4, 32, 128]:
             options.ranks = [2, 4]
     # The adapters' own creation logs (KronA, PaRa, peft: lines per attach) would drown the progress.

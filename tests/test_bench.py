@@ -181,3 +181,29 @@ def test_cpu_timing_keeps_freed_memory_and_says_so(smoke):
     # glibc (this Linux): mallopt is there, so the timing process kept freed memory and the report names it
     assert report["conditions"]["timing_malloc"] == "glibc keeps freed memory (no page faults per step)"
     assert "glibc returning freed blocks" in report["conditions"]["memory"]  # the memory child: the other mode
+
+
+def test_flux_bench_runs_para_beside_peft_lora_on_the_same_weights(tmp_path):
+    """--unet flux: PaRa on the BFL-fused layers (q/k/v and linear1 stacked), peft LoRA on diffusers' split ones;
+    both cover the same weights, and PaRa's parameters are d_out·r per fused layer."""
+    from diffusers import FluxTransformer2DModel
+
+    from para_trainer.flux.tiny import read_config
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--smoke", "--unet", "flux", "--json", "--methods", "floor,para,peft-lora", "--ranks", "2",
+                  "--keep-files", str(tmp_path)])
+    assert exit_info.value.code == 0
+    report = rows(json.loads(output.getvalue()))
+    config = {k: v for k, v in read_config("transformer").items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and name.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    assert report[("peft-lora", 2)]["layers"] == len(linears)
+    assert report[("peft-lora", 2)]["trainable_params"] == sum(2 * (m.in_features + m.out_features) for m in linears)
+    assert report[("para", 2)]["trainable_params"] == sum(2 * m.out_features for m in linears)  # same rows, fused
+    double, single = config["num_layers"], config["num_single_layers"]
+    assert report[("para", 2)]["layers"] == 10 * double + 3 * single
+    assert all(r["step_seconds"] for r in report.values())

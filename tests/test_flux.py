@@ -3,7 +3,6 @@ on diffusers' FluxTransformer2DModel, exact math on every kind of target, files 
 the LoRA export that diffusers' own kohya-FLUX loader reads, and the errors for files and options of the wrong
 architecture."""
 
-import json
 import os
 from types import SimpleNamespace
 
