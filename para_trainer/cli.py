@@ -1,7 +1,7 @@
 """`para-trainer` (also `python -m para_trainer`): the project's commands.
 
     para-trainer train ARGS...          the trainer, same as train_para.py (sd-scripts' arguments)
-    para-trainer tiny-model KIND OUT    write an embedded model (sd1, sd2, sdxl: random tiny ones; toy-sd1) as a
+    para-trainer tiny-model KIND OUT    write an embedded model (sd1, sd2, sdxl, flux: random tiny ones; toy-sd1) as a
                                         diffusers folder, or as a single-file checkpoint when OUT ends in
                                         .safetensors/.ckpt
     para-trainer example-data OUT       write the bundled example images in sd-scripts' DreamBooth layout
@@ -57,6 +57,8 @@ def _tiny_model(options) -> int:
     if _refuse_path_under_file(options.out, "OUT"):
         return 2
 
+    if options.kind == "flux":
+        return _tiny_flux(options)
     if options.kind == "toy-sd1":
         from .toyworld.model import load_toy_pipeline
 
@@ -72,6 +74,25 @@ def _tiny_model(options) -> int:
     else:
         save_tiny_pipeline(options.kind, options.out, seed=options.seed)
     print(f"wrote the {'toy' if options.kind == 'toy-sd1' else 'tiny ' + options.kind} model to {options.out}")
+    return 0
+
+
+def _tiny_flux(options) -> int:
+    """builtin:tiny-flux as a diffusers folder, or with --bfl as sd-scripts' four FLUX files in the folder."""
+    from .flux.tiny import build_tiny_flux, save_tiny_flux
+
+    if options.out.endswith((".safetensors", ".ckpt")):
+        print("error: a FLUX model is several files: give a folder (with --bfl for sd-scripts' flux1, ae, clip_l and "
+              "t5xxl .safetensors files)", file=sys.stderr)
+        return 2
+    if options.bfl:
+        from .flux.bfl import save_bfl_files
+
+        files = save_bfl_files(build_tiny_flux(seed=options.seed), options.out)
+        print("wrote the tiny FLUX as sd-scripts' files: " + ", ".join(files.values()))
+    else:
+        save_tiny_flux(options.out, seed=options.seed)
+        print(f"wrote the tiny FLUX model to {options.out}")
     return 0
 
 
@@ -109,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train an adapter (sd-scripts' train_network.py arguments)", add_help=False)
     tiny = commands.add_parser("tiny-model", help="write an embedded model (diffusers folder or single file)")
-    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "toy-sd1"],
+    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "flux", "toy-sd1"],
                       help="a random-weight tiny model, or toy-sd1 (pretrained on the toy world)")
+    tiny.add_argument("--bfl", action="store_true",
+                      help="flux: write sd-scripts' four FLUX files (flux1, ae, clip_l, t5xxl .safetensors) in OUT")
     tiny.add_argument("out", help="a folder, or a .safetensors/.ckpt path for a single-file checkpoint")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_model)
@@ -136,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="export although the file records another base model")
     export.add_argument("--v2", action="store_true", help="the base is an SD2 single-file checkpoint")
     export.add_argument("--v_parameterization", action="store_true")
+    from .flux import add_flux_part_arguments
+
+    add_flux_part_arguments(export)
     export.set_defaults(run=_export)
 
     merge = commands.add_parser("merge", help="several adapters as one native PaRa file (+ its exact LoRA export)")
@@ -150,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--precision", choices=["fp16", "fp32", "bf16"], default="fp16", help="of the LoRA export")
     merge.add_argument("--force", action="store_true", help="merge although a file records another base model")
     merge.add_argument("--v2", action="store_true", help="the base is an SD2 single-file checkpoint")
+    add_flux_part_arguments(merge)
     merge.set_defaults(run=_merge)
 
     from .sample_command import add_subcommand as add_sample_subcommand

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .flux.models import FluxModels, is_flux_pipeline_folder, load_flux_pipeline
+from .flux.models import FluxModels, freeze, is_bfl_flux_file, is_flux_pipeline_folder, load_flux_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def load_models(args, torch_dtype=torch.float32) -> StableDiffusionModels:
     elif os.path.isfile(source):
         from .checkpoint import load_single_file
 
+        if is_bfl_flux_file(source):
+            return _load_flux(args, source, torch_dtype)
         pipe = load_single_file(source, v2=args.v2, sdxl=True if getattr(args, "sdxl", False) else None,
                                 v_parameterization=args.v_parameterization, torch_dtype=torch_dtype,
                                 tokenizer_dir=getattr(args, "tokenizer_cache_dir", None))
@@ -148,6 +150,20 @@ def _load_flux(args, source: str, torch_dtype) -> FluxModels:
     if getattr(args, "vae", None):
         raise ModelError(f"--vae is Stable Diffusion's option; {source} is a FLUX.1 model, whose autoencoder is "
                          "given with --ae")
+    parts = {name: getattr(args, name, None) for name in ("ae", "clip_l", "t5xxl")}
+    if os.path.isfile(source):  # sd-scripts' FLUX files: the BFL transformer and the three others
+        from .flux.bfl import BflError, load_bfl_pipeline
+
+        try:
+            pipe = load_bfl_pipeline(source, **parts, torch_dtype=torch_dtype,
+                                     tokenizer_dir=getattr(args, "tokenizer_cache_dir", None))
+        except BflError as error:
+            raise ModelError(str(error)) from None
+        return FluxModels(freeze(pipe), source)
+    given = [f"--{name}" for name, path in parts.items() if path]
+    if given:
+        raise ModelError(f"{given[0]} goes with a BFL single-file transformer (flux1-dev.safetensors); {source} "
+                         "already holds every part: leave it out")
     return FluxModels(load_flux_pipeline(source, torch_dtype), source)
 
 

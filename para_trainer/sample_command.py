@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 from networks.adapter_base import AdapterFileError
 
 from .files.adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
+from .flux import add_flux_part_arguments
 from .paths import file_in_the_way
 from .sampling import SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file
 
@@ -155,7 +156,7 @@ def run_sample(options) -> int:
                     for path, strength in map(parse_file_and_strength, options.network or [])]
         if options.compare and not networks:
             raise SamplingError("--compare puts each --network beside the base model: give at least one --network")
-        models = load_base_model(options.model, v2=options.v2)
+        models = load_base_model(options.model, v2=options.v2, options=options)
         size = (options.width, options.height) if options.width or options.height else None
         if size is not None and not (options.width and options.height):
             raise SamplingError("give both --width and --height (or neither, for the model's own size)")
@@ -196,6 +197,7 @@ def add_subcommand(commands) -> None:
     sample_parser.add_argument("--height", type=int)
     sample_parser.add_argument("--clip_skip", type=int)
     sample_parser.add_argument("--v2", action="store_true", help="the model is an SD2 single-file checkpoint")
+    add_flux_part_arguments(sample_parser)
     sample_parser.add_argument("--device", help="default: the model's device (cpu); e.g. cuda")
     sample_parser.add_argument("--out", required=True, help="folder for the images and contact_sheet.png")
     sample_parser.set_defaults(run=run_sample)

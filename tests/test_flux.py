@@ -481,7 +481,8 @@ def test_our_trainer_trains_flux_from_the_preset_and_the_file_reloads(tmp_path):
     (tmp_path / "prompts.txt").write_text("a photo of sks toy --w 64 --h 64 --d 1 --s 3\n")
     out = tmp_path / "out"
     assert train_main(["--config_file", os.path.join(ROOT, "presets", "flux_subject.toml"),
-                       "--pretrained_model_name_or_path", "builtin:tiny-flux", "--train_data_dir", str(data),
+                       "--pretrained_model_name_or_path", "builtin:tiny-flux", "--ae", "", "--clip_l", "",
+                       "--t5xxl", "", "--train_data_dir", str(data),
                        "--resolution", "64", "--min_bucket_reso", "64", "--max_bucket_reso", "128",
                        "--output_dir", str(out), "--mixed_precision", "no", "--save_precision", "float",
                        "--optimizer_type", "AdamW", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
@@ -521,6 +522,7 @@ def test_our_trainer_trains_flux_from_the_preset_and_the_file_reloads(tmp_path):
     ("builtin:tiny-flux", ["--v_parameterization"], "--v_parameterization is a Stable Diffusion option"),
     ("builtin:tiny-flux", ["--blocks_to_swap", "18"], "--blocks_to_swap is not supported"),
     ("builtin:tiny-flux", ["--model_type", "chroma"], "only FLUX.1 is implemented"),
+    ("builtin:tiny-flux", ["--ae", "ae.safetensors"], "--ae goes with a BFL single-file transformer"),
 ])
 def test_options_of_the_other_architecture_stop_the_run_with_one_line(tmp_path, capsys, model, option, message):
     from para_trainer.training.train import main as train_main
@@ -542,3 +544,73 @@ def test_every_training_preset_parses():
     assert "flux_subject.toml" in names
     for path in sorted(os.path.join(ROOT, "presets", name) for name in names):
         assert parse_args(["--config_file", path]).output_dir, path
+
+
+# ---------------------------------------------------------------------------------------------------
+# sd-scripts' four FLUX files (BFL transformer, LDM autoencoder, CLIP-L, T5-XXL)
+
+
+@pytest.fixture(scope="module")
+def bfl_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bfl")
+    assert run_cli("tiny-model", "flux", folder, "--bfl") == 0
+    return {name: folder / f"{name}.safetensors" for name in ("flux1", "ae", "clip_l", "t5xxl")}
+
+
+def test_bfl_files_have_the_bfl_key_layout_and_load_as_the_same_model(flux, bfl_files):
+    from para_trainer.flux.bfl import load_bfl_pipeline
+
+    assert set(load_file(str(bfl_files["flux1"]))) == set(bfl_like(flux).state_dict())  # sd-scripts' module tree
+    assert "encoder.down.0.block.0.conv1.weight" in load_file(str(bfl_files["ae"]))  # the LDM layout
+    pipe = load_bfl_pipeline(*(str(bfl_files[n]) for n in ("flux1", "ae", "clip_l", "t5xxl")))
+    inputs = transformer_inputs(flux)
+    assert torch.equal(forward(pipe.transformer, inputs), forward(flux.transformer, inputs))
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    prompt = "a photo of a red ball on the beach in the snow"
+    with torch.no_grad():
+        assert torch.equal(pipe.vae.encode(image).latent_dist.mean, flux.vae.encode(image).latent_dist.mean)
+        latents = torch.randn(1, 16, 8, 8)
+        assert torch.equal(pipe.vae.decode(latents).sample, flux.vae.decode(latents).sample)
+        clip = flux.tokenizer([prompt], return_tensors="pt").input_ids
+        assert torch.equal(pipe.text_encoder(clip).pooler_output, flux.text_encoder(clip).pooler_output)
+        t5 = flux.tokenizer_2([prompt], return_tensors="pt").input_ids
+        assert torch.equal(pipe.text_encoder_2(t5).last_hidden_state, flux.text_encoder_2(t5).last_hidden_state)
+
+
+def test_our_trainer_and_export_take_sd_scripts_flux_files(bfl_files, tmp_path):
+    from para_trainer.training.train import main as train_main
+
+    parts = ["--ae", bfl_files["ae"], "--clip_l", bfl_files["clip_l"], "--t5xxl", bfl_files["t5xxl"]]
+    data = _subject(tmp_path)
+    assert train_main([str(a) for a in ["--pretrained_model_name_or_path", bfl_files["flux1"], *parts,
+                                        "--train_data_dir", data, "--resolution", "64", "--caption_extension", ".txt",
+                                        "--output_dir", tmp_path / "out", "--max_train_steps", "2",
+                                        "--network_train_unet_only"]]) == 0
+    with safe_open(str(tmp_path / "out" / "last.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "flux1"
+    assert run_cli("export", tmp_path / "out" / "last.safetensors", "--model", bfl_files["flux1"], *parts,
+                   "-o", tmp_path / "again_lora.safetensors") == 0
+    ours, again = (load_file(str(p)) for p in (tmp_path / "out" / "last_lora.safetensors",
+                                                tmp_path / "again_lora.safetensors"))
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+@pytest.mark.parametrize("leave_out", ["ae", "clip_l", "t5xxl"])
+def test_a_missing_flux_part_is_named_and_nothing_is_written(bfl_files, tmp_path, capsys, leave_out):
+    from para_trainer.training.train import main as train_main
+
+    parts = [a for name in ("ae", "clip_l", "t5xxl") if name != leave_out
+             for a in (f"--{name}", str(bfl_files[name]))]
+    code = train_main(["--pretrained_model_name_or_path", str(bfl_files["flux1"]), *parts, "--train_data_dir",
+                       str(_subject(tmp_path)), "--resolution", "64", "--caption_extension", ".txt",
+                       "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"need --{leave_out} too" in err[-1] and len(err) == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_wrong_file_as_a_flux_part_is_named(bfl_files, tmp_path, capsys):
+    code = run_cli("sample", "--model", bfl_files["flux1"], "--ae", bfl_files["clip_l"], "--clip_l",
+                   bfl_files["clip_l"], "--t5xxl", bfl_files["t5xxl"], "--prompt", "a toy", "--out", tmp_path / "s")
+    err = capsys.readouterr().err
+    assert code == 2 and "--ae" in err and "holds no autoencoder" in err and "Traceback" not in err

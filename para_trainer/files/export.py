@@ -59,12 +59,17 @@ class ExportError(ValueError):
 # Inputs
 
 
-def load_base_model(model: str, v2: bool = False, sdxl: bool = False, v_parameterization: bool = False):
-    """The base model (diffusers folder, single file, Hub id or builtin:tiny-*) in float32, as the trainer loads it."""
+def load_base_model(model: str, v2: bool = False, sdxl: bool = False, v_parameterization: bool = False,
+                    options=None):
+    """The base model (diffusers folder, single file, Hub id or builtin:tiny-*) in float32, as the trainer loads it.
+    `options` may carry --ae/--clip_l/--t5xxl, the parts of a BFL single-file FLUX transformer."""
+    from ..flux import FLUX_PART_OPTIONS
     from ..models import load_models
 
+    parts = {name: getattr(options, name, None) for name in FLUX_PART_OPTIONS}
     return load_models(SimpleNamespace(pretrained_model_name_or_path=model, v2=v2, sdxl=sdxl,
-                                       v_parameterization=v_parameterization, vae=None))
+                                       v_parameterization=v_parameterization, vae=None, **parts))
+
 
 
 def _precision(dtype) -> torch.dtype:
@@ -506,7 +511,8 @@ def run_export(options) -> int:
                 read_adapter(path)
             elif not krona:
                 _read_native(path)
-        models = load_base_model(options.model, v2=options.v2, v_parameterization=options.v_parameterization) \
+        models = load_base_model(options.model, v2=options.v2, v_parameterization=options.v_parameterization,
+                                 options=options) \
             if options.model else None
         if krona:
             report = export_krona_lora(adapters[0], models, options.out, dtype=options.precision or "fp16",

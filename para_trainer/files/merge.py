@@ -208,7 +208,7 @@ def run_merge(options) -> int:
         inputs = [(resolve_path(path), strength)
                   for path, strength in map(parse_file_and_strength, options.adapters)]
         check_same_family([read_adapter(path) for path, _ in inputs])  # before the (slow) base model is loaded
-        models = load_base_model(options.model, v2=options.v2) if options.model else None
+        models = load_base_model(options.model, v2=options.v2, options=options) if options.model else None
         lora_out = None if options.no_export_lora else lora_export_path(options.out)
         report = merge(inputs, options.out, models, options.orthogonal, options.force, lora_out,
                        options.precision)

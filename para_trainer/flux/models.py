@@ -82,6 +82,19 @@ def is_flux_pipeline_folder(source: str) -> bool:
         return json.load(f).get("_class_name", "").startswith("Flux")
 
 
+def is_bfl_flux_file(path: str) -> bool:
+    """A .safetensors file holding a FLUX transformer in the BFL layout (double_blocks.N..., single_blocks.N...)."""
+    if not str(path).endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in f.keys())
+    except Exception:  # not a safetensors file after all: the regular loader says what is wrong
+        return False
+
+
 def load_flux_pipeline(source: str, torch_dtype=torch.float32):
     """builtin:tiny-flux or a diffusers FluxPipeline folder, frozen and in eval mode."""
     if source.startswith("builtin:"):
@@ -92,6 +105,11 @@ def load_flux_pipeline(source: str, torch_dtype=torch.float32):
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+    return freeze(pipe)
+
+
+def freeze(pipe):
+    """Every part frozen and in eval mode, no progress bars: as training and sampling take a pipeline."""
     pipe.set_progress_bar_config(disable=True)
     for model in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         model.requires_grad_(False)
