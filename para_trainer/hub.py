@@ -574,7 +574,7 @@ def _card_body(title, repo_id, meta, native, lora, base, triggers, samples, base
                   f'pipe = AutoPipelineForText2Image.from_pretrained("{base or "BASE_MODEL"}", '
                   f'torch_dtype=torch.{"bfloat16" if flux else "float16"}).to("cuda")', load, f'image = pipe("{prompt}").images[0]', "```", ""]
     else:
-        lines += ["## Use it", "", f"Export it for AUTOMATIC1111, ComfyUI and diffusers with "
+        lines += ["## Use it", "", f"Export it for {'Forge' if flux else 'AUTOMATIC1111'}, ComfyUI and diffusers with "
                   f"`para-trainer export hf://{repo_id}/{native} --model BASE -o {title}_lora.safetensors`.", ""]
     lines += ["### para-trainer", "", "```bash", f"para-trainer pull {repo_id}",
               f"train_para.py ... --network_weights hf://{repo_id}/{native}", "```", ""]

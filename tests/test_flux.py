@@ -614,3 +614,36 @@ def test_a_wrong_file_as_a_flux_part_is_named(bfl_files, tmp_path, capsys):
                    bfl_files["clip_l"], "--t5xxl", bfl_files["t5xxl"], "--prompt", "a toy", "--out", tmp_path / "s")
     err = capsys.readouterr().err
     assert code == 2 and "--ae" in err and "holds no autoencoder" in err and "Traceback" not in err
+
+
+def test_merged_flux_single_file_is_the_bfl_transformer_with_para_baked_in(bfl_files, tmp_path):
+    from para_trainer.flux.bfl import load_bfl_pipeline
+
+    parts = [str(bfl_files[n]) for n in ("ae", "clip_l", "t5xxl")]
+    models = load_models(SimpleNamespace(pretrained_model_name_or_path=str(bfl_files["flux1"]), v2=False,
+                                         v_parameterization=False, vae=None, ae=parts[0], clip_l=parts[1],
+                                         t5xxl=parts[2]))
+    network = _native_flux_file(tmp_path / "para.safetensors", models.pipeline)  # with lora_te1 layers
+    code = run_cli("export", tmp_path / "para.safetensors", "--to", "merged", "--model", bfl_files["flux1"],
+                   "--ae", parts[0], "--clip_l", parts[1], "--t5xxl", parts[2], "-o", tmp_path / "merged.safetensors")
+    assert code == 2 and not (tmp_path / "merged.safetensors").exists()  # CLIP-L would change: folder only
+    unet_only = _native_flux_file(tmp_path / "unet.safetensors", models.pipeline, exclude="^lora_te")
+    assert run_cli("export", tmp_path / "unet.safetensors", "--to", "merged", "--model", bfl_files["flux1"],
+                   "--ae", parts[0], "--clip_l", parts[1], "--t5xxl", parts[2],
+                   "-o", tmp_path / "merged.safetensors") == 0
+    merged = load_bfl_pipeline(str(tmp_path / "merged.safetensors"), *parts)
+    inputs = transformer_inputs(models.pipeline)
+    unet_only.apply_to(None, models.unet, False, True)
+    unet_only.eval()
+    assert (forward(merged.transformer, inputs) - forward(models.unet, inputs)).abs().max() < 1e-5
+    del network
+
+
+def test_hub_model_card_of_a_flux_adapter_names_flux_and_no_automatic1111(tmp_path):
+    from para_trainer.hub import build_model_card
+
+    pipe = build_tiny_flux(seed=0)
+    network = para.create_network(1.0, 2, None, None, encoders(pipe), pipe.transformer)
+    network.save_weights(str(tmp_path / "fx.safetensors"), None, {"ss_base_model_version": "flux1"})
+    card = str(build_model_card({"fx.safetensors": str(tmp_path / "fx.safetensors")}, "me/fx"))
+    assert "for FLUX.1" in card and "- flux" in card and "AUTOMATIC1111" not in card

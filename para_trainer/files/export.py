@@ -384,7 +384,7 @@ def _save_diffusers_folder(pipe, out: str, dtype) -> None:
     temp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     try:
         if dtype is not None:
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
                 model = getattr(pipe, name, None)
                 if model is not None:
                     torch.nn.Module.to(model, dtype=dtype)  # ModelMixin.to would warn about kept-fp32 modules
@@ -407,6 +407,28 @@ def _save_diffusers_folder(pipe, out: str, dtype) -> None:
     finally:
         if temp.exists():
             shutil.rmtree(temp)
+
+
+def _save_flux_transformer(models, out: str, dtype) -> None:
+    """The (merged) FLUX transformer as one BFL-layout .safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    from ..flux.bfl import transformer_to_bfl
+
+    if not out.endswith(".safetensors"):
+        raise ExportError(f"output {out}: a FLUX transformer is written as .safetensors (or as a diffusers folder)")
+    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous()
+               for k, v in transformer_to_bfl(models.unet).items()}
+    metadata = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": models.architecture,
+                "modelspec.implementation": IMPLEMENTATIONS["flux1"], "para_trainer.version": __version__}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(out).with_name(f".tmp-{Path(out).name}")
+    try:
+        save_file(tensors, str(temp), metadata=metadata)
+        os.replace(temp, out)
+    finally:
+        if temp.exists():
+            temp.unlink()
 
 
 @torch.no_grad()
@@ -443,6 +465,13 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
     # Each PaRa file must fit the untouched base or, trained with --base_weights, the base with the files before it.
     fits_base = [bool(a.metadata.get(FINGERPRINT_KEY)) and _base_matches(a.metadata[FINGERPRINT_KEY],
                                                                          [t for t, _ in plan]) for a, plan, _ in plans]
+    if models.kind == "flux" and output_format == "single file":
+        changed = sorted({t.lora_name for _, plan, _ in plans for t, _ in plan if not t.in_unet})
+        if changed:
+            raise ExportError(f"a merged FLUX single file is the transformer in the BFL layout (what ComfyUI, Forge "
+                              f"and sd-scripts load as flux1-dev.safetensors); these files also change the text "
+                              f"encoders ({changed[0]}, ...): write a diffusers folder instead (an -o path without "
+                              "a suffix)")
     report_adapters = []
     for fits, (adapter, plan, multiplier) in zip(fits_base, plans):
         base_check = _check_base(adapter.path, adapter.metadata, [t for t, _ in plan], force, warnings, fits) \
@@ -454,7 +483,9 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
         report_adapters.append({"path": adapter.path, "multiplier": multiplier, "modules": len(plan),
                                 "base_check": base_check})
 
-    if output_format == "single file":
+    if output_format == "single file" and models.kind == "flux":
+        _save_flux_transformer(models, out, save_dtype)
+    elif output_format == "single file":
         from ..checkpoint import save_single_file
 
         save_single_file(models.pipeline, out, dtype=save_dtype)

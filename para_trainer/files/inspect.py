@@ -55,6 +55,7 @@ KIND_DESCRIPTIONS = {
     "LoCon": "kohya LoRA with k x k conv layers (LoCon)",
     "diffusers/peft LoRA": "LoRA with diffusers/peft key names (lora_A/lora_B)",
     "checkpoint": "a Stable Diffusion model checkpoint, not an adapter",
+    "FLUX transformer": "a FLUX.1 transformer in the BFL layout (flux1-dev.safetensors), not an adapter",
     "model weights": "plain model weights without adapter keys, not an adapter",
 }
 
@@ -289,6 +290,8 @@ def inspect(path, hashes: bool = True) -> dict:
     groups, dotted = _group(keys)
     if any(k.startswith(CHECKPOINT_PREFIXES) for k in keys):
         kind, module_kinds, modules = "checkpoint", {}, {}
+    elif "img_in.weight" in keys and any(k.startswith("double_blocks.") for k in keys):
+        kind, module_kinds, modules = "FLUX transformer", {}, {}
     else:
         modules = {name: module_kind_of_parts(parts) for name, parts in groups.items()}
         if dotted:
@@ -302,7 +305,7 @@ def inspect(path, hashes: bool = True) -> dict:
             kind = adapter_kinds.pop()
         else:
             kind = "mixed (" + ", ".join(sorted(adapter_kinds)) + ")"
-    adapter = kind not in ("checkpoint", "model weights", "unknown")
+    adapter = kind not in ("checkpoint", "FLUX transformer", "model weights", "unknown")
     adapted = {name: k for name, k in modules.items() if k not in ("norm", "unknown")}
 
     ranks, conv3x3 = Counter(), 0
