@@ -103,9 +103,13 @@ def save_tiny_pipeline(kind: str, directory, seed: int = 0) -> Path:
     Load it back with ``StableDiffusionPipeline.from_pretrained`` (sd1, sd2) or
     ``StableDiffusionXLPipeline.from_pretrained`` (sdxl); this needs no network.
     """
+    return save_pretrained_quietly(build_tiny_pipeline(kind, seed), directory)
+
+
+def save_pretrained_quietly(pipeline, directory) -> Path:
+    """pipeline.save_pretrained (safetensors) without transformers 5's "Writing model shards" bar per text
+    encoder; returns the folder."""
     directory = Path(directory)
-    pipeline = build_tiny_pipeline(kind, seed)
-    # transformers 5 shows a "Writing model shards" progress bar per text encoder; hide it.
     progress_bars_were_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:

@@ -388,15 +388,9 @@ def _save_diffusers_folder(pipe, out: str, dtype) -> None:
                 model = getattr(pipe, name, None)
                 if model is not None:
                     torch.nn.Module.to(model, dtype=dtype)  # ModelMixin.to would warn about kept-fp32 modules
-        from transformers.utils import logging as transformers_logging
+        from ..tiny_models import save_pretrained_quietly
 
-        bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()  # one "Writing model shards" bar per text encoder otherwise
-        try:
-            pipe.save_pretrained(temp, safe_serialization=True)
-        finally:
-            if bars:
-                transformers_logging.enable_progress_bar()
+        save_pretrained_quietly(pipe, temp)
         old = None
         if out_path.exists():
             old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")

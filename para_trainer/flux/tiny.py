@@ -70,13 +70,6 @@ def build_tiny_flux(seed: int = 0, torch_dtype=torch.float32) -> FluxPipeline:
 
 def save_tiny_flux(directory, seed: int = 0) -> Path:
     """`build_tiny_flux(seed)` as a diffusers folder (safetensors) that `FluxPipeline.from_pretrained` loads."""
-    directory = Path(directory)
-    pipeline = build_tiny_flux(seed)
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        pipeline.save_pretrained(directory, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-    return directory
+    from ..tiny_models import save_pretrained_quietly
+
+    return save_pretrained_quietly(build_tiny_flux(seed), directory)
