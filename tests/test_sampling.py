@@ -93,9 +93,9 @@ def test_txt_prompt_file_with_sd_scripts_options(tmp_path, caplog):
         SamplePrompt("a cat, best quality", "low quality, blurry", width=100, height=72, seed=42, steps=1000,
                      scale=5.5, sampler="euler_a"),
         SamplePrompt("plain prompt"),
-        SamplePrompt("a dog", width=96, steps=1),
+        SamplePrompt("a dog", width=96, steps=1, guidance=3.5),  # --g: FLUX's guidance (no effect on SD)
     ]
-    assert "--zz nope" in caplog.text and "guidance_scale" in caplog.text and "prompt 3" in caplog.text
+    assert "--zz nope" in caplog.text and "prompt 3" in caplog.text
 
 
 def test_toml_prompt_file_defaults_and_subsets(tmp_path):
