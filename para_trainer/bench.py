@@ -438,6 +438,7 @@ class Setup:
     unet_description: str
     widths: list[tuple[int, int]]  # (d_in, d_out) of every targeted layer
     batch: dict | None
+    flux: bool = False
 
 
 def make_setup(options) -> Setup:
@@ -459,7 +460,8 @@ def make_setup(options) -> Setup:
         raise BenchError(f"--ranks {max(options.ranks)}: PaRa needs 0 < r < {narrowest}, the outputs of the "
                          "narrowest targeted layer")
     batch = make_batch(unet, options.batch_size, options.latent_size, device)
-    return Setup(device, precision, None if precision == "fp32" else weight_dtype, unet, description, widths, batch)
+    return Setup(device, precision, None if precision == "fp32" else weight_dtype, unet, description, widths, batch,
+                 is_flux(unet))
 
 
 def fused_adamw(device: torch.device) -> bool:
@@ -743,7 +745,7 @@ def conditions(options, setup: Setup) -> dict:
             "batch_size": options.batch_size, "ranks": options.ranks, "warmup": options.warmup,
             "steps": options.steps, "rounds": options.rounds,
             "targets": f"{len(setup.widths)} layers: "
-                       f"{FLUX_TARGET_DESCRIPTION if is_flux(setup.unet) else TARGET_DESCRIPTION}",
+                       f"{FLUX_TARGET_DESCRIPTION if setup.flux else TARGET_DESCRIPTION}",
             "sum_d_out": sum(o for _, o in setup.widths), "sum_d_in": sum(i for i, _ in setup.widths),
             "optimizer": f"torch.optim.AdamW(lr=1e-4, fused={fused_adamw(setup.device)})", "versions": versions}
 
