@@ -459,7 +459,7 @@ def _subject(tmp_path):
 
 def _fixed_loss(models, network, latents, seed=0):
     """The flow-matching loss of one image at fixed noise and σ ∈ {0.3, 0.5, 0.7} (raw velocity prediction)."""
-    from para_trainer.flux import training
+    from para_trainer.training import flow_matching
 
     args = SimpleNamespace(timestep_sampling="uniform", sigmoid_scale=1.0, discrete_flow_shift=3.0,
                            weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
@@ -469,7 +469,7 @@ def _fixed_loss(models, network, latents, seed=0):
     with torch.no_grad():
         for i in range(6):
             generators = [torch.Generator().manual_seed(seed * 100 + i)]
-            losses.append(training.flux_training_loss(args, models, None, latents, ["a photo of sks toy"],
+            losses.append(flow_matching.flux_training_loss(args, models, None, latents, ["a photo of sks toy"],
                                                       torch.ones(1), generators, False, "cpu").item())
     return sum(losses) / len(losses)
 

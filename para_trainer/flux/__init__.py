@@ -1,4 +1,7 @@
-"""FLUX.1: the embedded tiny FLUX (`builtin:tiny-flux`), sd-scripts' FLUX files, the flow-matching step."""
+"""FLUX.1 model code: the embedded tiny FLUX (`builtin:tiny-flux`), loading FLUX models, sd-scripts' FLUX files.
+
+The flow-matching training step is a training stage: `para_trainer/training/flow_matching.py`.
+"""
 
 FLUX_PART_OPTIONS = ("ae", "clip_l", "t5xxl")
 

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from ..files import metadata as file_metadata
 from ..files.export import lora_export_path
-from ..flux.training import flow_scheduler, flux_training_loss
 from ..models import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
 from ..paths import file_in_the_way
 from .args import ArgsError, check_model_options, parse_args
 from .data import DataError, TrainDataset, load_blueprints
+from .flow_matching import flow_scheduler, flux_training_loss
 from .optimizers import OptimizerError, build_optimizer
 
 logger = logging.getLogger("para_trainer")
