@@ -467,10 +467,11 @@ def _fixed_loss(models, network, latents, seed=0):
                            model_prediction_type="raw", loss_type="l2")
     losses = []
     with torch.no_grad():
+        encoded = flow_matching.encode_flux_prompts(models, ["a photo of sks toy"], 16, False)
         for i in range(6):
             generators = [torch.Generator().manual_seed(seed * 100 + i)]
-            losses.append(flow_matching.flux_training_loss(args, models, None, latents, ["a photo of sks toy"],
-                                                      torch.ones(1), generators, False, "cpu").item())
+            losses.append(flow_matching.flux_training_loss(args, models, None, latents, encoded, torch.ones(1),
+                                                           generators, "cpu").item())
     return sum(losses) / len(losses)
 
 
@@ -647,3 +648,31 @@ def test_hub_model_card_of_a_flux_adapter_names_flux_and_no_automatic1111(tmp_pa
     network.save_weights(str(tmp_path / "fx.safetensors"), None, {"ss_base_model_version": "flux1"})
     card = str(build_model_card({"fx.safetensors": str(tmp_path / "fx.safetensors")}, "me/fx"))
     assert "for FLUX.1" in card and "- flux" in card and "AUTOMATIC1111" not in card
+
+
+def test_cache_text_encoder_outputs_trains_the_same_adapter_with_the_text_encoders_off_the_device(tmp_path,
+                                                                                                   monkeypatch):
+    """The cache holds what the encoders would return: a run with it writes the same adapter as one without, and
+    the encoders are moved away (called to("cpu")) once the cache is built."""
+    from para_trainer.training import train as train_module
+
+    data = _subject(tmp_path)
+    common = ["--pretrained_model_name_or_path", "builtin:tiny-flux", "--train_data_dir", str(data), "--resolution",
+              "64", "--caption_extension", ".txt", "--max_train_steps", "3", "--network_train_unet_only",
+              "--seed", "3", "--t5xxl_max_token_length", "16", "--caption_prefix", "high quality"]
+    moved = []
+    real_build = train_module.build_cache
+
+    def spy(captions, encode):
+        cache = real_build(captions, encode)
+        moved.append(sorted(cache))
+        return cache
+
+    monkeypatch.setattr(train_module, "build_cache", spy)
+    assert train_module.main(common + ["--output_dir", str(tmp_path / "plain")]) == 0
+    assert not moved
+    assert train_module.main(common + ["--output_dir", str(tmp_path / "cached"), "--cache_text_encoder_outputs"]) == 0
+    assert moved == [["high quality a photo of sks toy"]]
+    plain, cached = (load_file(str(tmp_path / d / "last.safetensors")) for d in ("plain", "cached"))
+    assert plain.keys() == cached.keys()
+    assert all(torch.allclose(plain[k], cached[k], atol=1e-5) for k in plain)

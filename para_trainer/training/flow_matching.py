@@ -108,13 +108,12 @@ def encode_flux_prompts(models, captions: list[str], max_token_length: int, atte
     return pooled, hidden, (mask if attention_mask else None)
 
 
-def flux_training_loss(args, models, scheduler, latents: torch.Tensor, captions: list[str], loss_weights,
-                       generators: list[torch.Generator], train_text_encoder: bool, device) -> torch.Tensor:
-    """One micro-batch's loss: sd-scripts' get_noise_pred_and_target + process_batch for FLUX."""
+def flux_training_loss(args, models, scheduler, latents: torch.Tensor, encoded: tuple, loss_weights,
+                       generators: list[torch.Generator], device) -> torch.Tensor:
+    """One micro-batch's loss: sd-scripts' get_noise_pred_and_target + process_batch for FLUX. `encoded`:
+    encode_flux_prompts' (CLIP-L pooled, T5 hidden states, T5 mask or None) for the batch's captions."""
     batch, _, height, width = latents.shape
-    with torch.set_grad_enabled(train_text_encoder):
-        pooled, t5_hidden, mask = encode_flux_prompts(models, captions, args.t5xxl_max_token_length or
-                                                      models.default_t5_max_length, args.apply_t5_attn_mask)
+    pooled, t5_hidden, mask = encoded
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
     sequence_length = (height // 2) * (width // 2)
     sigmas, timesteps = sample_sigmas(args, scheduler, batch, sequence_length, generators)

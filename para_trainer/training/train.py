@@ -33,7 +33,8 @@ from ..models import ModelError, encode_prompts, load_models, noise_scheduler, s
 from ..paths import file_in_the_way
 from .args import ArgsError, check_model_options, parse_args
 from .data import DataError, TrainDataset, load_blueprints
-from .flow_matching import flow_scheduler, flux_training_loss
+from .flow_matching import encode_flux_prompts, flow_scheduler, flux_training_loss
+from .text_cache import build_cache, cached_outputs, dataset_captions
 from .optimizers import OptimizerError, build_optimizer
 
 logger = logging.getLogger("para_trainer")
@@ -246,7 +247,11 @@ def train(args, status: RunStatus | None = None) -> None:
     optimizer = accelerator.prepare(optimizer)  # loss scaling under fp16; the network is synced by hand below
     network.prepare_grad_etc(models.text_encoder_for_network, models.unet)
 
-    # 6. latents cached once, if asked
+    # 6. latents and text-encoder outputs cached once, if asked
+    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and not train_text_encoder:
+        models.prompt_cache = build_cache(dataset_captions(dataset), lambda c: encode_captions(args, models, c))
+        for te in models.text_encoders:
+            te.to("cpu")  # back on the device only while samples are drawn
     if args.cache_latents or args.cache_latents_to_disk:
         with torch.no_grad():
             dataset.cache_latents(lambda images: encode_images(models, images, None), args.cache_latents_to_disk,
@@ -469,10 +474,11 @@ def training_loss(args, models, scheduler, batch: dict, generators: list[torch.G
         latents = batch["latents"] if "latents" in batch else encode_images(models, batch["images"], generators)
     latents = latents.to(device, torch.float32)
     if models.kind == "flux":
-        return flux_training_loss(args, models, scheduler, latents, batch["captions"], batch["loss_weights"],
-                                  generators, train_text_encoder, device)
+        with torch.set_grad_enabled(train_text_encoder):
+            encoded = encode_captions(args, models, batch["captions"], device)
+        return flux_training_loss(args, models, scheduler, latents, encoded, batch["loss_weights"], generators, device)
     with torch.set_grad_enabled(train_text_encoder):
-        hidden, added = encode_prompts(models, batch["captions"], args.clip_skip, args.max_token_length)
+        hidden, added = encode_captions(args, models, batch["captions"], device)
     batch_size = latents.shape[0]
     noise = per_sample_normal(latents.shape, generators).to(device)
     if args.noise_offset:
@@ -497,6 +503,18 @@ def training_loss(args, models, scheduler, batch: dict, generators: list[torch.G
         weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1 if models.v_parameterization else snr)
         loss = loss * weight
     return loss.mean()
+
+
+def encode_captions(args, models, captions: list[str], device=None):
+    """The text encoders' outputs for the captions (from --cache_text_encoder_outputs' cache when there is one):
+    SD (hidden states, SDXL's added kwargs or None); FLUX (CLIP-L pooled, T5 hidden states, T5 mask or None)."""
+    cache = getattr(models, "prompt_cache", None)
+    if cache is not None:
+        return cached_outputs(cache, captions, device)
+    if models.kind == "flux":
+        return encode_flux_prompts(models, captions, args.t5xxl_max_token_length or models.default_t5_max_length,
+                                   args.apply_t5_attn_mask)
+    return encode_prompts(models, captions, args.clip_skip, args.max_token_length)
 
 
 def average_gradients(network, accelerator) -> None:
@@ -656,7 +674,7 @@ def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -
         network.set_multiplier(0.0)
     try:
         return sample_images(models.pipeline, prompts, args.output_dir, args.output_name, tag, args.sample_sampler,
-                             (512, 512), clip_skip=args.clip_skip,
+                             (512, 512), device=models.unet.device, clip_skip=args.clip_skip,
                              prediction_type="v_prediction" if models.v_parameterization else None)
     finally:
         network.set_multiplier(multiplier)
