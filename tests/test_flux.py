@@ -676,3 +676,30 @@ def test_cache_text_encoder_outputs_trains_the_same_adapter_with_the_text_encode
     plain, cached = (load_file(str(tmp_path / d / "last.safetensors")) for d in ("plain", "cached"))
     assert plain.keys() == cached.keys()
     assert all(torch.allclose(plain[k], cached[k], atol=1e-5) for k in plain)
+
+
+def test_krona_on_flux_acts_on_the_fused_layers_as_the_bfl_layout_does():
+    """networks.krona's preset=full finds lora_flux's layers through the same naming; on diffusers' split layers its
+    ΔW = A ⊗ B applies to the stacked (BFL-fused) weight."""
+    from networks import krona
+
+    pipe = build_tiny_flux(seed=0)
+    network = krona.create_network(1.0, None, None, None, encoders(pipe), pipe.transformer, preset="full", a1="8",
+                                   a2="4", exclude="^lora_te")
+    names = {m.lora_name for m in network.unet_modules}
+    assert {f"lora_unet_double_blocks_0_{l}" for l in DOUBLE_LAYERS} <= names and len(names) == 26
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    network.apply_to(encoders(pipe), pipe.transformer, False, True)
+    network.eval()
+    inputs = transformer_inputs(pipe)
+    adapted = forward(pipe.transformer, inputs)
+    reference = build_tiny_flux(seed=0)
+    layers = {t.lora_name: t.layer for t in named_layers(None, reference.transformer)}
+    for module in network.unet_modules:
+        weight = layers[module.lora_name].weight
+        set_layer_weight(layers[module.lora_name], weight + module.delta_weight().to(weight.dtype))
+    assert (adapted - forward(reference.transformer, inputs)).abs().max() < 1e-5
+    assert (adapted - forward(build_tiny_flux(seed=0).transformer, inputs)).abs().max() > 1e-3
