@@ -101,13 +101,13 @@ class StackedLinear:
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat([part.weight for part in self.parts])
+        return torch.cat([_stackable(part.weight) for part in self.parts])
 
     @property
     def bias(self) -> torch.Tensor | None:
         if all(part.bias is None for part in self.parts):
             return None
-        return torch.cat([part.bias if part.bias is not None else part.weight.new_zeros(size)
+        return torch.cat([_stackable(part.bias) if part.bias is not None else part.weight.new_zeros(size)
                           for part, size in zip(self.parts, self.sizes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +139,14 @@ class StackedLinear:
             self._served = None  # every part has its rows: hold no activations
         start = sum(self.sizes[:index])
         return served[2][..., start:start + self.sizes[index]]
+
+
+def _stackable(tensor: torch.Tensor) -> torch.Tensor:
+    """fp8 storage (sd-scripts' --fp8_base, diffusers' layerwise casting) as float32: cat does not take fp8."""
+    return tensor.float() if tensor.dtype in FP8_DTYPES else tensor
+
+
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
 def layer_weights(layer) -> list[tuple[torch.Tensor, slice]]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .adapter_base import (
     FLUX_NETWORK_ARGS,
+    FP8_DTYPES,
     FLUX_UNSUPPORTED_ARGS,
     PRESETS,
     AdapterFileError,
@@ -72,6 +73,12 @@ RANK_LOSS_THRESHOLD = 1e-5
 
 # --------------------------------------------------------------------------------------------------
 # Functional core
+
+
+def exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where ΔW and LoRA factors are computed: float32, or float64 for float64 weights (fp8 base weights too:
+    torch does not promote fp8)."""
+    return torch.float32 if dtype in FP8_DTYPES else torch.promote_types(dtype, torch.float32)
 
 
 def orthonormal_basis(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +278,7 @@ def para_expand(c: torch.Tensor, q: torch.Tensor, conv: bool) -> torch.Tensor:
 
 def para_delta_weight(weight: torch.Tensor, q: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
     """ΔW = -m Q (Qᵀ W) in float32 (float64 for float64 input), in W's shape (conv kernels flattened)."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    dtype = exact_dtype(weight.dtype)
     w = weight.reshape(weight.shape[0], -1).to(dtype)
     q = q.to(w.device, dtype)
     return (-multiplier * (q @ (q.t() @ w))).reshape(weight.shape)
@@ -282,7 +289,7 @@ def para_lora_factors(weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tens
 
     Linear: up (out, r), down (r, in). Conv2d: up (out, r, 1, 1), down (r, in, kh, kw) — the LoCon layout.
     """
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    dtype = exact_dtype(weight.dtype)
     w = weight.detach().reshape(weight.shape[0], -1).to(dtype)
     q = q.to(w.device, dtype)
     up, down = -q, q.t() @ w
@@ -325,7 +332,7 @@ def chain_delta_weight(weight: torch.Tensor, stages, multiplier: float = 1.0) ->
 
     ΔW is accumulated on its own (never as W_chain - W0), so small updates keep their precision.
     """
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    dtype = exact_dtype(weight.dtype)
     w0 = weight.detach().reshape(weight.shape[0], -1).to(dtype)
     delta = torch.zeros_like(w0)
     for stage in stages:
@@ -358,7 +365,7 @@ def chain_lora_factors(weight: torch.Tensor, stages) -> tuple[torch.Tensor, torc
     A Reduction adds up = -strength·Q, down = Qᵀ W_current (W_current = W0 + the factors so far); an Addition
     adds its own factors. Two PaRa files give up = [-Q1 | -Q2], down = [Q1ᵀW0 ; Q2ᵀW1]. Layout as para_lora_factors.
     """
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    dtype = exact_dtype(weight.dtype)
     w0 = weight.detach().reshape(weight.shape[0], -1).to(dtype)
     up = w0.new_zeros(w0.shape[0], 0)
     down = w0.new_zeros(0, w0.shape[1])

@@ -703,3 +703,47 @@ def test_krona_on_flux_acts_on_the_fused_layers_as_the_bfl_layout_does():
         set_layer_weight(layers[module.lora_name], weight + module.delta_weight().to(weight.dtype))
     assert (adapted - forward(reference.transformer, inputs)).abs().max() < 1e-5
     assert (adapted - forward(build_tiny_flux(seed=0).transformer, inputs)).abs().max() > 1e-3
+
+
+def test_fp8_base_stores_the_transformer_in_fp8_and_trains_the_same_layers(tmp_path, monkeypatch):
+    """--fp8_base: the transformer's Linear weights are held in float8_e4m3fn (diffusers' layerwise casting, set
+    before the network hooks the layers), the steps' losses are finite, and the file (every module) and its exact
+    LoRA export are written."""
+    from para_trainer.training import train as train_module
+
+    seen = {}
+    real_build = train_module.build_network
+
+    def spy(args, models, weight_dtype, device):
+        seen["dtypes"] = {p.dtype for n, p in models.unet.named_parameters() if n.endswith("to_k.weight")}
+        network, kwargs, train_te = real_build(args, models, weight_dtype, device)
+        seen["network"] = network
+        return network, kwargs, train_te
+
+    monkeypatch.setattr(train_module, "build_network", spy)
+    data = _subject(tmp_path)
+    assert train_module.main(["--pretrained_model_name_or_path", "builtin:tiny-flux", "--train_data_dir", str(data),
+                              "--resolution", "64", "--caption_extension", ".txt", "--max_train_steps", "2",
+                              "--network_train_unet_only", "--fp8_base", "--mixed_precision", "bf16",
+                              "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "out")]) == 0
+    assert seen["dtypes"] == {torch.float8_e4m3fn}
+    trained = load_file(str(tmp_path / "out" / "last.safetensors"))
+    fresh = para.create_network(1.0, 4, None, None, None, build_tiny_flux(seed=0).transformer)
+    assert len(trained) == len(fresh.unet_modules)
+    assert (tmp_path / "out" / "last_lora.safetensors").exists()
+    import csv
+    import math
+
+    with open(tmp_path / "out" / "last_train_log.csv") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+
+
+def test_fp8_base_on_sd_is_refused_by_name(tmp_path, capsys):
+    from para_trainer.training.train import main as train_main
+
+    code = train_main(["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir",
+                       str(_subject(tmp_path)), "--resolution", "64", "--caption_extension", ".txt",
+                       "--max_train_steps", "1", "--fp8_base", "--mixed_precision", "bf16",
+                       "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and "--fp8_base is implemented for FLUX.1 only" in capsys.readouterr().err

@@ -120,7 +120,7 @@ SUPPORTED_GROUPS = {
             "random_crop cache_latents cache_latents_to_disk dataset_config dataset_repeats",
     "training": "max_train_steps max_train_epochs train_batch_size gradient_accumulation_steps gradient_checkpointing "
                 "mixed_precision full_fp16 full_bf16 seed noise_offset min_snr_gamma max_grad_norm min_timestep "
-                "max_timestep loss_type scale_weight_norms",
+                "max_timestep loss_type scale_weight_norms fp8_base fp8_base_unet",
     "optimizer": "optimizer_type optimizer_args use_8bit_adam use_lion_optimizer learning_rate unet_lr text_encoder_lr "
                  "lr_scheduler lr_warmup_steps lr_scheduler_num_cycles lr_scheduler_power",
     "attention": "xformers sdpa mem_eff_attn",
@@ -184,7 +184,6 @@ HARMLESS = {  # accepted; no effect on the adapter or the files written
 
 UNSUPPORTED_REASONS = {  # the rest is rejected when used; these say why, others get UNSUPPORTED_DEFAULT_REASON
     "deepspeed": "DeepSpeed is not implemented; para-trainer trains with plain accelerate",
-    **dict.fromkeys(["fp8_base", "fp8_base_unet"], "fp8 base weights are not implemented"),
     **dict.fromkeys(["in_json", "dataset_class"], "only DreamBooth folders and --dataset_config datasets are "
                     "implemented (no fine-tuning metadata or custom dataset classes)"),
     **dict.fromkeys(["alpha_mask", "masked_loss", "conditioning_data_dir"], "masked loss is not implemented"),
@@ -476,6 +475,9 @@ def _combination_problems(args) -> list[str]:
             problems.append(f"--{flag} requires --mixed_precision {precision}")
     if args.dim_from_weights and not args.network_weights:
         problems.append("--dim_from_weights reads the rank from --network_weights: give --network_weights too")
+    if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision not in ("bf16", "fp16"):
+        problems.append("--fp8_base stores the base weights in fp8 and computes in --mixed_precision: give "
+                        "--mixed_precision bf16 (or fp16)")
     if args.sdxl and args.v2:
         problems.append("--sdxl and --v2 cannot be used together: an SDXL model is not a v2 model")
     if args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk:
@@ -505,6 +507,9 @@ SD_ONLY_ON_FLUX = {
 def check_model_options(args, kind: str) -> None:
     """Options of one architecture given for another: one ArgsError naming the option and the model."""
     specs = {spec.name: spec for spec in FLUX_SCRIPT_OPTIONS}
+    if kind != "flux" and (args.fp8_base or args.fp8_base_unet):
+        raise ArgsError("--fp8_base is implemented for FLUX.1 only here (on an SD UNet, fp8 storage through diffusers' "
+                        "layerwise casting breaks the convolutions' backward); leave it out, or use --full_bf16")
     if kind != "flux":
         used = [name for name in sorted(FLUX_ONLY) if _in_use(getattr(args, name, None), specs[name].default)]
         if used:

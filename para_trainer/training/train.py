@@ -213,9 +213,7 @@ def train(args, status: RunStatus | None = None) -> None:
     dataset.check_bucket_reso_steps(32 if models.is_sdxl or models.kind == "flux" else 64)
     setup_attention(args, models)
     device = accelerator.device
-    for model in (models.unet, *models.text_encoders):
-        model.to(device, weight_dtype if (args.full_fp16 or args.full_bf16) else None)
-    models.vae.to(device, torch.float32 if args.no_half_vae else None)
+    place_models(args, models, weight_dtype, device)
     scheduler = flow_scheduler(args.discrete_flow_shift) if models.kind == "flux" else \
         noise_scheduler(models.v_parameterization)
 
@@ -249,9 +247,7 @@ def train(args, status: RunStatus | None = None) -> None:
 
     # 6. latents and text-encoder outputs cached once, if asked
     if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and not train_text_encoder:
-        models.prompt_cache = build_cache(dataset_captions(dataset), lambda c: encode_captions(args, models, c))
-        for te in models.text_encoders:
-            te.to("cpu")  # back on the device only while samples are drawn
+        cache_text_encoder_outputs(args, models, dataset)
     if args.cache_latents or args.cache_latents_to_disk:
         with torch.no_grad():
             dataset.cache_latents(lambda images: encode_images(models, images, None), args.cache_latents_to_disk,
@@ -384,6 +380,17 @@ def setup_attention(args, models) -> None:
         models.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (what --sdpa asks for)
 
 
+def place_models(args, models, weight_dtype, device) -> None:
+    """The models on the device in their training precision: --full_fp16/bf16 casts the UNet (transformer) and text
+    encoders, --fp8_base stores the UNet's weights in fp8 and upcasts each layer's as it runs (diffusers' layerwise
+    casting, set before the network hooks the layers so that their forward upcasts first)."""
+    for model in (models.unet, *models.text_encoders):
+        model.to(device, weight_dtype if (args.full_fp16 or args.full_bf16) else None)
+    if args.fp8_base or args.fp8_base_unet:
+        models.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
+    models.vae.to(device, torch.float32 if args.no_half_vae else None)
+
+
 def build_network(args, models, weight_dtype, device):
     """The network module (sd-scripts' way), --base_weights merged first, --network_weights loaded after."""
     module_name = args.network_module or "networks.para"
@@ -503,6 +510,13 @@ def training_loss(args, models, scheduler, batch: dict, generators: list[torch.G
         weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1 if models.v_parameterization else snr)
         loss = loss * weight
     return loss.mean()
+
+
+def cache_text_encoder_outputs(args, models, dataset) -> None:
+    """Every caption encoded once; the text encoders leave the device (back on it only while samples are drawn)."""
+    models.prompt_cache = build_cache(dataset_captions(dataset), lambda c: encode_captions(args, models, c))
+    for te in models.text_encoders:
+        te.to("cpu")
 
 
 def encode_captions(args, models, captions: list[str], device=None):
