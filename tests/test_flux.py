@@ -707,20 +707,20 @@ def test_krona_on_flux_acts_on_the_fused_layers_as_the_bfl_layout_does():
 
 def test_fp8_base_stores_the_transformer_in_fp8_and_trains_the_same_layers(tmp_path, monkeypatch):
     """--fp8_base: the transformer's Linear weights are held in float8_e4m3fn (diffusers' layerwise casting, set
-    before the network hooks the layers), the steps' losses are finite, and the file (every module) and its exact
-    LoRA export are written."""
+    before the network hooks the layers), the steps' losses are finite, and the file (every module) is written —
+    but no LoRA export from the fp8-rounded base: PaRa's LoRA form is exact only from the full-precision one,
+    which `para-trainer export` then reads and gets the export the trainer would write without fp8."""
     from para_trainer.training import train as train_module
 
     seen = {}
-    real_build = train_module.build_network
+    real_store = train_module.store_base_in_fp8
 
-    def spy(args, models, weight_dtype, device):
+    def spy(network, models, weight_dtype):
+        seen["fingerprint"] = network.file_metadata["para.base_fingerprint"]  # taken before: full precision
+        real_store(network, models, weight_dtype)
         seen["dtypes"] = {p.dtype for n, p in models.unet.named_parameters() if n.endswith("to_k.weight")}
-        network, kwargs, train_te = real_build(args, models, weight_dtype, device)
-        seen["network"] = network
-        return network, kwargs, train_te
 
-    monkeypatch.setattr(train_module, "build_network", spy)
+    monkeypatch.setattr(train_module, "store_base_in_fp8", spy)
     data = _subject(tmp_path)
     assert train_module.main(["--pretrained_model_name_or_path", "builtin:tiny-flux", "--train_data_dir", str(data),
                               "--resolution", "64", "--caption_extension", ".txt", "--max_train_steps", "2",
@@ -730,7 +730,11 @@ def test_fp8_base_stores_the_transformer_in_fp8_and_trains_the_same_layers(tmp_p
     trained = load_file(str(tmp_path / "out" / "last.safetensors"))
     fresh = para.create_network(1.0, 4, None, None, None, build_tiny_flux(seed=0).transformer)
     assert len(trained) == len(fresh.unet_modules)
-    assert (tmp_path / "out" / "last_lora.safetensors").exists()
+    assert not (tmp_path / "out" / "last_lora.safetensors").exists()
+    assert run_cli("export", tmp_path / "out" / "last.safetensors", "--model", "builtin:tiny-flux", "-o",
+                   tmp_path / "lora.safetensors") == 0  # the file's fingerprint is the full-precision base's
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["para.base_fingerprint"] == seen["fingerprint"]
     import csv
     import math
 

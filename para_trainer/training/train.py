@@ -219,6 +219,8 @@ def train(args, status: RunStatus | None = None) -> None:
 
     # 4. network
     network, net_kwargs, train_text_encoder = build_network(args, models, weight_dtype, device)
+    if args.fp8_base or args.fp8_base_unet:
+        store_base_in_fp8(network, models, weight_dtype)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         for te in models.text_encoders:
@@ -382,13 +384,20 @@ def setup_attention(args, models) -> None:
 
 def place_models(args, models, weight_dtype, device) -> None:
     """The models on the device in their training precision: --full_fp16/bf16 casts the UNet (transformer) and text
-    encoders, --fp8_base stores the UNet's weights in fp8 and upcasts each layer's as it runs (diffusers' layerwise
-    casting, set before the network hooks the layers so that their forward upcasts first)."""
+    encoders (--fp8_base: store_base_in_fp8, once the network exists)."""
     for model in (models.unet, *models.text_encoders):
         model.to(device, weight_dtype if (args.full_fp16 or args.full_bf16) else None)
-    if args.fp8_base or args.fp8_base_unet:
-        models.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     models.vae.to(device, torch.float32 if args.no_half_vae else None)
+
+
+def store_base_in_fp8(network, models, weight_dtype) -> None:
+    """--fp8_base: the UNet's (transformer's) weights kept in fp8, each layer's upcast while it runs (diffusers'
+    layerwise casting). Done after the network recorded the full-precision base's fingerprint (its LoRA export is
+    exact for that base), and under the network's hooks: unhooked, cast, hooked again, so that a hooked layer's
+    own forward (and each part of a stacked FLUX layer) upcasts before PaRa reads its output."""
+    network.restore()
+    models.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
+    network.apply_to(models.text_encoder_for_network, models.unet, True, True)
 
 
 def build_network(args, models, weight_dtype, device):
@@ -621,7 +630,12 @@ class OutputFiles:
             network.save_weights(path, SAVE_DTYPES.get(self.args.save_precision), metadata)
         self.written.append(path)
         logger.info("saved %s", path)
-        if path.endswith(".safetensors") and not self.args.no_export_lora and self.args.network_module == "networks.para":
+        fp8 = self.args.fp8_base or self.args.fp8_base_unet  # W0 in memory is fp8-rounded: not the base users have
+        if fp8 and final and path.endswith(".safetensors") and not self.args.no_export_lora:
+            logger.info("--fp8_base: no LoRA export at save (PaRa's LoRA form needs the full-precision base); write "
+                        "it with: para-trainer export %s --model %s", path, self.args.pretrained_model_name_or_path)
+        if path.endswith(".safetensors") and not self.args.no_export_lora and self.args.network_module == "networks.para" \
+                and not fp8:
             from ..files.export import export_lora
 
             lora_path = lora_export_path(path)
