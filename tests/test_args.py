@@ -241,7 +241,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("argv, name", [
-    (["--fp8_base"], "fp8_base"),
+    (["--blocks_to_swap", "8"], "blocks_to_swap"),
     (["--in_json", "x"], "in_json"),
     (["--deepspeed"], "deepspeed"),
     (["--color_aug"], "color_aug"),
@@ -254,10 +254,10 @@ def test_unsupported_option_is_rejected_by_name(argv, name):
 
 def test_several_unsupported_options_are_reported_together():
     with pytest.raises(ArgsError) as error:
-        parse_args(["--fp8_base", "--in_json", "x", "--deepspeed"])
+        parse_args(["--blocks_to_swap", "8", "--in_json", "x", "--deepspeed"])
     lines = str(error.value).splitlines()
     assert len(lines) == 3
-    assert {line.split()[0] for line in lines} == {"--fp8_base", "--in_json", "--deepspeed"}
+    assert {line.split()[0] for line in lines} == {"--blocks_to_swap", "--in_json", "--deepspeed"}
 
 
 def test_unsupported_option_in_toml_is_rejected_but_off_values_are_fine(tmp_path):
@@ -296,7 +296,8 @@ def test_policy_tables_name_real_options_and_do_not_overlap():
     assert not set(args_module.UNSUPPORTED_REASONS) & (args_module.SUPPORTED | set(args_module.HARMLESS))
     assert args_module.policy_of("network_args")[0] == "supported"
     assert args_module.policy_of("lowram")[0] == "harmless"
-    assert args_module.policy_of("fp8_base")[0] == "unsupported"
+    assert args_module.policy_of("blocks_to_swap")[0] == "unsupported"
+    assert args_module.policy_of("fp8_base")[0] == "supported"  # FLUX only: check_model_options refuses it on SD
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -377,6 +378,6 @@ def test_output_config_writes_only_non_defaults_and_refuses_to_overwrite(tmp_pat
 def test_output_config_needs_a_config_file_path_and_a_valid_command_line(tmp_path):
     with pytest.raises(ArgsError, match="give --config_file"):
         parse_args(["--output_config", "--seed", "1"])
-    with pytest.raises(ArgsError, match="--fp8_base is not supported"):
-        parse_args(["--output_config", "--config_file", str(tmp_path / "x"), "--fp8_base"])
+    with pytest.raises(ArgsError, match="--blocks_to_swap is not supported"):
+        parse_args(["--output_config", "--config_file", str(tmp_path / "x"), "--blocks_to_swap", "8"])
     assert not os.path.exists(tmp_path / "x.toml")
