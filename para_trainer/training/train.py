@@ -34,8 +34,8 @@ from ..paths import file_in_the_way
 from .args import ArgsError, check_model_options, parse_args
 from .data import DataError, TrainDataset, load_blueprints
 from .flow_matching import encode_flux_prompts, flow_scheduler, flux_training_loss
-from .text_cache import build_cache, cached_outputs, dataset_captions
 from .optimizers import OptimizerError, build_optimizer
+from .text_cache import build_cache, cached_outputs, dataset_captions
 
 logger = logging.getLogger("para_trainer")
 
@@ -632,8 +632,11 @@ class OutputFiles:
         logger.info("saved %s", path)
         fp8 = self.args.fp8_base or self.args.fp8_base_unet  # W0 in memory is fp8-rounded: not the base users have
         if fp8 and final and path.endswith(".safetensors") and not self.args.no_export_lora:
+            parts = "".join(f" --{name} {getattr(self.args, name)}" for name in ("ae", "clip_l", "t5xxl")
+                            if getattr(self.args, name, None))
             logger.info("--fp8_base: no LoRA export at save (PaRa's LoRA form needs the full-precision base); write "
-                        "it with: para-trainer export %s --model %s", path, self.args.pretrained_model_name_or_path)
+                        "it with: para-trainer export %s --model %s%s", path, self.args.pretrained_model_name_or_path,
+                        parts)
         if path.endswith(".safetensors") and not self.args.no_export_lora and self.args.network_module == "networks.para" \
                 and not fp8:
             from ..files.export import export_lora
