@@ -10,6 +10,13 @@
                                                      (LoRA): is each still recognised?
     para-trainer quality --report                    only rebuild the table and plots from finished cells
 
+For real models, DreamBench's metrics (DINO, CLIP-I, CLIP-T; quality/dreambench.py):
+    para-trainer quality --dreambench-prompts prompts.txt --class-noun dog --live
+                                                     DreamBooth's 25 prompts x 4 seeds as a prompt file
+    para-trainer sample --model BASE --network ADAPTER --prompts-file prompts.txt --out generated
+    para-trainer quality --images generated --reference data/dog
+                                                     the three scores (CLIP and DINO through transformers)
+
 Finished cells are kept in <out>/cells/ and never run twice: run the same command again to resume.
 """
 
@@ -64,6 +71,10 @@ def check(options) -> None:
 
 
 def run_quality(options) -> int:
+    if options.images or options.dreambench_prompts:
+        from .dreambench import run_dreambench
+
+        return run_dreambench(options)
     from ..toyworld.world import WorldError
     from .report import write_report
     from .study import Settings, Study
@@ -129,4 +140,29 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--grid", metavar="CONCEPT", help="also draw <out>/samples-CONCEPT.png: the prompt set "
                         "(columns) for the base model and each finished variant of the plan at seed 0 (rows)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_dreambench_arguments(parser.add_argument_group("DreamBench metrics for real models (quality/dreambench.py)"))
     parser.set_defaults(run=run_quality)
+
+
+def add_dreambench_arguments(group) -> None:
+    from .dreambench import DEFAULT_CLIP, DEFAULT_DINO
+
+    group.add_argument("--images", metavar="DIR", help="score a folder of generated images (prompts from IMAGE.txt "
+                       "or the PNG's A1111 parameters) instead of running the toy-world study")
+    group.add_argument("--reference", metavar="DIR", help="the subject's real images (for DINO and CLIP-I)")
+    group.add_argument("--prompt", help="the prompt of every image in --images")
+    group.add_argument("--clip-model", dest="clip_model", default=DEFAULT_CLIP,
+                       help=f"CLIP for CLIP-I and CLIP-T: Hub id or folder (default {DEFAULT_CLIP})")
+    group.add_argument("--dino-model", dest="dino_model", default=DEFAULT_DINO,
+                       help=f"DINO ViT for DINO: Hub id, folder or none (default {DEFAULT_DINO})")
+    group.add_argument("--pairing", choices=("all", "one"), default="all",
+                       help="all: every generated image against every real one (DreamBooth, default); one: image i "
+                            "against real image i (DreamBench++)")
+    group.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    group.add_argument("--dreambench-prompts", dest="dreambench_prompts", metavar="FILE",
+                       help="write DreamBooth's 25 prompts for a subject as a prompt file and stop")
+    group.add_argument("--identifier", default="sks", help="the subject's token in the prompts (default sks)")
+    group.add_argument("--class-noun", dest="class_noun", help="the subject's class (dog, backpack, stuffed animal…)")
+    group.add_argument("--live", action="store_true", help="a live subject (cats, dogs): outfit prompts")
+    group.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4,
+                       help="seeds per prompt in the prompt file (default 4, as DreamBooth)")
