@@ -197,3 +197,18 @@ def test_quickstart_on_toy_sd1_learns_the_subject_then_export_merge_sample(model
     run_cli("sample", "--model", TOY, "--network", adapter, "--prompt", "a photo of sks toy", "--steps", "2",
             "--out", tmp_path / "samples")
     assert (tmp_path / "samples" / "contact_sheet.png").exists()
+
+
+def test_evaluate_writes_its_results_and_grids(tmp_path, capsys):
+    from PIL import Image
+
+    from para_trainer.toyworld.world import POSITIONS, SHAPES, parse_caption
+
+    run_cli("toyworld", "evaluate", "--model", TOY, "--samples", "4", "--steps", "2", "--out", tmp_path, "--json")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "evaluate.json").read_text())
+    assert {row["samples"] for row in printed["accuracy"].values()} == {2}
+    positions = [parse_caption(line) for line in (tmp_path / "positions.txt").read_text().splitlines()]
+    assert [(p["shape"], p["position"]) for p in positions] == [(s, q) for s in SHAPES for q in POSITIONS]
+    assert Image.open(tmp_path / "positions.png").size == (64 * len(POSITIONS), 64 * len(SHAPES))
+    assert Image.open(tmp_path / "showcase.png").size[0] == 64 * 6

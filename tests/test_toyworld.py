@@ -103,6 +103,18 @@ def test_captions_name_exactly_the_attributes_drawn():
                 assert scene.attributes()[attribute] == value, (text, scene)
 
 
+def test_the_layout_phase_names_the_position_in_every_caption():
+    for seed in range(500):
+        rng, same = random.Random(seed), random.Random(seed)
+        scene = random_scene(rng, allow_held_out=True)
+        assert random_scene(same, allow_held_out=True) == scene
+        text, plain = caption(scene, rng, always=("position",)), caption(scene, same)
+        named = parse_caption(text)
+        assert named["position"] == scene.position, text
+        assert {k: v for k, v in named.items() if k != "position"} == \
+            {k: v for k, v in parse_caption(plain).items() if k != "position"}, (text, plain)
+
+
 def test_a_caption_that_names_everything_parses_back_to_the_scene(monkeypatch):
     import para_trainer.toyworld.world as world
 
@@ -213,8 +225,8 @@ def test_cli_render_concept_and_bad_names(tmp_path):
 
 
 def test_pretraining_runs_every_stage_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """The recipe end to end at toy size: an interrupted UNet stage continues to exactly the weights of an
-    uninterrupted one, and the export is a diffusers SD1 pipeline that loads and draws."""
+    """The recipe end to end at toy size: an UNet stage interrupted before its layout phase continues to exactly
+    the weights of an uninterrupted one, and the export is a diffusers SD1 pipeline that loads and draws."""
     import shutil
 
     import torch
@@ -223,7 +235,8 @@ def test_pretraining_runs_every_stage_and_resumes_to_the_same_weights(tmp_path, 
     from para_trainer.toyworld.pretrain import Recipe, run
 
     recipe = Recipe(images=48, vae_crop_steps=2, vae_full_steps=1, vae_mixed_steps=1, vae_concept_images=8,
-                    vae_batch=4, unet_steps=4, unet_batch=2, unet_warmup=1, checkpoint_every=2)
+                    vae_batch=4, unet_steps=2, layout_steps=2, layout_min_timestep=500, unet_batch=2, unet_warmup=1,
+                    checkpoint_every=2)
     whole = tmp_path / "whole"
     run(whole, ("data", "vae", "latents", "unet", "export"), out=tmp_path / "toy", recipe=recipe, threads=1)
     interrupted = tmp_path / "interrupted"

@@ -109,7 +109,7 @@ def _pretrain(options) -> int:
         raise WorldError(f"unknown stage {unknown[0]!r}; valid: {', '.join(STAGES)}")
     recipe_path = Path(options.workdir) / "recipe.json"
     recipe = Recipe.from_dict(json.loads(recipe_path.read_text())) if recipe_path.exists() else Recipe()
-    for name in ("unet_steps", "vae_crop_steps", "vae_full_steps", "images", "seed"):
+    for name in ("unet_steps", "layout_steps", "vae_crop_steps", "vae_full_steps", "images", "seed"):
         value = getattr(options, name)
         if value is not None:
             setattr(recipe, name, value)
@@ -178,6 +178,9 @@ def add_subcommand(commands) -> None:
     pretrain.add_argument("--stages", help="comma-separated, of: data, vae, latents, unet, export (default all)")
     pretrain.add_argument("--out", help="where export writes the diffusers folder (default: the package's toy-sd1)")
     pretrain.add_argument("--unet-steps", dest="unet_steps", type=int)
+    pretrain.add_argument("--layout-steps", dest="layout_steps", type=int,
+                          help="steps of a last phase that names the position in every caption, at timesteps >= 500 "
+                               "(default 0; 1800 with --unet-steps 13000 builds the step-14,800 model)")
     pretrain.add_argument("--vae-crop-steps", dest="vae_crop_steps", type=int)
     pretrain.add_argument("--vae-full-steps", dest="vae_full_steps", type=int)
     pretrain.add_argument("--images", type=int)

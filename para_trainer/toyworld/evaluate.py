@@ -74,6 +74,7 @@ def summarize(hits: list[dict[str, bool]], held_out: list[bool]) -> dict[str, di
 
 
 def grid(images: np.ndarray, columns: int) -> np.ndarray:
+    columns = min(columns, len(images))
     rows = [np.concatenate(list(images[i:i + columns]), axis=1) for i in range(0, len(images) - columns + 1, columns)]
     return np.concatenate(rows, axis=0)
 
@@ -92,6 +93,23 @@ def showcase_prompts() -> list[str]:
         rows.append(prompt(shape, colours[(3 * i + 1) % len(colours)], PATTERNS[i % 3], background,
                            POSITIONS[i % len(POSITIONS)], "large"))
     return rows
+
+
+def position_prompts() -> list[str]:
+    """One row per shape, small, one column per position, each row on one background the shape was seen on."""
+    rows = []
+    for i, shape in enumerate(SHAPES):
+        background = next(b for b in BACKGROUNDS[i:] + BACKGROUNDS[:i] if (shape, b) not in HELD_OUT_PAIRS)
+        rows += [prompt(shape, list(COLOURS)[i], "plain", background, position, "small") for position in POSITIONS]
+    return rows
+
+
+def _grid_file(pipe, prompts: list[str], columns: int, seed: int, options, path: Path) -> None:
+    from PIL import Image
+
+    images = sample(pipe, prompts, [seed + i for i in range(len(prompts))], options.steps, options.guidance)
+    Image.fromarray(grid(images, columns)).save(path.with_suffix(".png"), optimize=True)
+    path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
 
 
 def run_evaluate(options) -> int:
@@ -115,11 +133,8 @@ def run_evaluate(options) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
         Image.fromarray(grid(images[:96], 12)).save(out / "samples.png", optimize=True)
-        showcase = showcase_prompts()
-        shown = sample(pipe, showcase, [options.seed + i for i in range(len(showcase))], options.steps,
-                       options.guidance)
-        Image.fromarray(grid(shown, len(BACKGROUNDS))).save(out / "showcase.png", optimize=True)
-        (out / "showcase.txt").write_text("\n".join(showcase) + "\n")
+        _grid_file(pipe, showcase_prompts(), len(BACKGROUNDS), options.seed, options, out / "showcase")
+        _grid_file(pipe, position_prompts(), len(POSITIONS), options.seed, options, out / "positions")
     if options.json:
         print(json.dumps(result, indent=2))
     else:

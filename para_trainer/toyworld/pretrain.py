@@ -6,7 +6,10 @@
               general image codec (the UNet and the text encoder never see a concept)
     latents   encode every image once; the VAE's scaling_factor is set to 1 / std of the latents
     unet      train the UNet and the text encoder together on the cached latents (epsilon prediction, sd-scripts'
-              noise schedule, Min-SNR weighting, 10% empty captions for classifier-free guidance, EMA weights)
+              noise schedule, Min-SNR weighting, 10% empty captions for classifier-free guidance, EMA weights),
+              then, when the recipe has layout_steps, a layout phase: every caption names the position, timesteps
+              from 500 up (where the layout of a picture is decided: at low noise the loss barely depends on
+              where the object is)
     export    write the EMA weights as the fp16 diffusers folder that ships as builtin:toy-sd1
 
     para-trainer toyworld pretrain --workdir output/toyworld            # all stages; rerun to resume
@@ -59,6 +62,10 @@ class Recipe:
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
+    layout_steps: int = 0  # a last UNet phase after unet_steps (1800 builds the step-14,800 model): see stage_unet
+    layout_lr: float = 1e-4
+    layout_min_timestep: int = 500
+    layout_ema_decay: float = 0.99
     checkpoint_every: int = 250
 
     @classmethod
@@ -255,7 +262,8 @@ def stage_unet(workdir: Path, recipe: Recipe, latents: dict, scenes, log: Log):
     optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
     start, state = resume(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, log, "unet")
     ema = list(state["ema"]) if state else [p.detach().clone() for p in params]
-    if start >= recipe.unet_steps:
+    total = recipe.unet_steps + recipe.layout_steps
+    if start >= total:
         return unet, text_encoder, ema
     scheduler = noise_schedule()
     alphas = scheduler.alphas_cumprod
@@ -266,18 +274,25 @@ def stage_unet(workdir: Path, recipe: Recipe, latents: dict, scenes, log: Log):
     text_encoder.train()
     began, losses = time.time(), []
     mark = began
-    for step in range(start, recipe.unet_steps):
+    for step in range(start, total):
+        # The layout phase: every caption names the position, timesteps from layout_min_timestep up (where the
+        # layout of a picture is decided), a constant learning rate and a shorter EMA.
+        layout = step >= recipe.unet_steps
+        lr = recipe.layout_lr if layout else recipe.unet_lr * _cosine(step, recipe.unet_steps, recipe.unet_warmup)
         for group in optimizer.param_groups:
-            group["lr"] = recipe.unet_lr * _cosine(step, recipe.unet_steps, recipe.unet_warmup)
+            group["lr"] = lr
         generator = torch.Generator().manual_seed(recipe.seed * 104729 + step)
         rng = random.Random(f"{recipe.seed}/{step}")
         index = torch.randint(0, len(mean), (recipe.unet_batch,), generator=generator)
         sample = mean[index].float() + std[index].float() * torch.randn(mean[index].shape, generator=generator)
         x0 = sample * scale
-        texts = ["" if rng.random() < recipe.empty_caption_rate else caption(scenes[i], rng) for i in index.tolist()]
+        always = ("position",) if layout else ()
+        texts = ["" if rng.random() < recipe.empty_caption_rate else caption(scenes[i], rng, always)
+                 for i in index.tolist()]
         ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        low = recipe.layout_min_timestep if layout else 0
+        t = torch.randint(low, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
         context = text_encoder(ids).last_hidden_state
         pred = unet(noisy, t, context).sample
@@ -288,15 +303,15 @@ def stage_unet(workdir: Path, recipe: Recipe, latents: dict, scenes, log: Log):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        decay = min(recipe.layout_ema_decay if layout else recipe.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             rate = (time.time() - began) / (step + 1 - start)
-            log(f"unet step {step + 1}/{recipe.unet_steps} loss {np.mean(losses[-50:]):.4f} "
-                f"({rate:.2f} s/step, {(recipe.unet_steps - step - 1) * rate / 60:.0f} min left)")
-        if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.unet_steps:
+            log(f"unet step {step + 1}/{total} loss {np.mean(losses[-50:]):.4f} "
+                f"({rate:.2f} s/step, {(total - step - 1) * rate / 60:.0f} min left)")
+        if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == total:
             save_state({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                           "optimizer": optimizer.state_dict(), "ema": ema, "step": step + 1}, state_path)
             mark = _record_time(workdir, "unet", mark)

@@ -155,9 +155,10 @@ def object_phrase(noun: str, colour: str | None = None, pattern: str | None = No
     return with_article(phrase) if article else phrase
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One caption of ``scene`` from a random template, naming a random subset of its attributes."""
-    named = {attribute: rng.random() < rate for attribute, rate in MENTION_RATE.items()}
+def caption(scene: Scene, rng: random.Random, always: tuple[str, ...] = ()) -> str:
+    """One caption of ``scene`` from a random template, naming a random subset of its attributes and every
+    attribute in ``always`` (the random draws are the same either way)."""
+    named = {attribute: rng.random() < rate or attribute in always for attribute, rate in MENTION_RATE.items()}
     noun = GENERIC_NOUN if rng.random() < GENERIC_NOUN_RATE else scene.obj
     obj = object_phrase(noun, scene.colour if named["colour"] else None, scene.pattern if named["pattern"] else None,
                         scene.size if named["size"] else None, rng)
