@@ -157,7 +157,8 @@ def object_phrase(noun: str, colour: str | None = None, pattern: str | None = No
 
 def caption(scene: Scene, rng: random.Random, always: tuple[str, ...] = ()) -> str:
     """One caption of ``scene`` from a random template, naming a random subset of its attributes and every
-    attribute in ``always`` (the random draws are the same either way)."""
+    attribute in ``always`` (the draws that decide what is named are made either way, so ``always=()`` gives
+    the captions the shipped model was trained on)."""
     named = {attribute: rng.random() < rate or attribute in always for attribute, rate in MENTION_RATE.items()}
     noun = GENERIC_NOUN if rng.random() < GENERIC_NOUN_RATE else scene.obj
     obj = object_phrase(noun, scene.colour if named["colour"] else None, scene.pattern if named["pattern"] else None,
