@@ -53,10 +53,10 @@ def dreambench_prompts(identifier: str, class_noun: str, live: bool = False) -> 
     return [f"a {subject} {place}" for place in places] + [f"a {word} {subject}" for word in _PROPERTIES]
 
 
-def prompt_file(prompts: list[str], images_per_prompt: int = 4, extra: str = "") -> str:
+def prompt_file(prompts: list[str], images_per_prompt: int = 4) -> str:
     """sd-scripts' prompt-file syntax, one line per image (seeds 0, 1, …), for `para-trainer sample --prompts-file`
     or sd-scripts' own --sample_prompts."""
-    lines = [f"{p} --d {seed}{' ' + extra if extra else ''}" for p in prompts for seed in range(images_per_prompt)]
+    lines = [f"{p} --d {seed}" for p in prompts for seed in range(images_per_prompt)]
     return "\n".join(lines) + "\n"
 
 
