@@ -498,11 +498,13 @@ def _sample_prompt(path: str) -> str | None:
 
 def _newest_samples(entries: dict[str, str], limit: int = 4) -> list[tuple[str, str]]:
     """(path in repo, prompt) of the newest sample of each prompt index, for the card's widget."""
+    from .sampling import parse_sample_name
+
     newest: dict[str, tuple[str, str]] = {}
     for target, local in sorted(entries.items(), key=lambda item: os.path.getmtime(item[1])):
-        match = re.search(r"_(\d{2})_\d{14}(?:_\d+)?\.png$", target)
-        if target.split("/")[-2:-1] == ["sample"] and match:
-            newest[match.group(1)] = (target, local)
+        parsed = parse_sample_name(target.split("/")[-1])
+        if target.split("/")[-2:-1] == ["sample"] and parsed:
+            newest[parsed[2]] = (target, local)
     return [(target, _sample_prompt(local) or "") for target, local in list(newest.values())[-limit:]]
 
 

@@ -475,6 +475,15 @@ def sample_images(pipe, prompts: list[SamplePrompt], output_dir, name: str | Non
     return paths
 
 
+SAMPLE_FILE = re.compile(r"^(?P<prefix>.*?)(?P<tag>e?\d{6})_(?P<index>\d{2})_\d{14}(?:_\d+)?\.png$")
+
+
+def parse_sample_name(filename: str) -> tuple[str, str, int] | None:
+    """(prefix, tag, prompt index) of a file name sample_images writes ("mylora_" or "", "e000003", 0), else None."""
+    match = SAMPLE_FILE.match(filename)
+    return (match["prefix"], match["tag"], int(match["index"])) if match else None
+
+
 _LABEL_PADDING = 4
 _BACKGROUND = (255, 255, 255)
 _TEXT_COLOR = (0, 0, 0)

@@ -20,6 +20,7 @@ from para_trainer.sampling import (
     contact_sheet,
     generate_image,
     make_scheduler,
+    parse_sample_name,
     read_prompt_file,
     resolve_settings,
     sample_images,
@@ -340,6 +341,9 @@ def test_sample_images_names_and_metadata(sd1, red_cube, tmp_path):
 
     unnamed = sample_images(sd1, prompts[:1], tmp_path, None, "000010", "ddim", (64, 64))
     assert re.fullmatch(r"000010_00_\d{14}_5\.png", unnamed[0].name)
+    assert [parse_sample_name(p.name) for p in paths + unnamed] == [("mylora_", "e000003", 0),
+                                                                   ("mylora_", "e000003", 1), ("", "000010", 0)]
+    assert parse_sample_name("contact_sheet.png") is None
 
 
 def test_parameters_text_with_negative_prompt():
