@@ -22,7 +22,7 @@ from para_trainer.toyworld.judge import WEIGHTS, HEADS, accuracy, load_judge
 from para_trainer.toyworld.world import prompt
 
 TOY = "builtin:toy-sd1"
-IDENTITY_RISE = 0.15  # measured 2026-12-07: -0.14 -> 0.17 (+0.31) on the 2-core CPU machine
+IDENTITY_RISE = 0.1  # measured 2026-12-07 on the step-14,800 model: -0.16 -> 0.12 (+0.28), 2-core CPU machine
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -123,22 +123,21 @@ def test_identity_embedding_separates_concepts(judge):
 
 
 def test_toy_sd1_draws_what_the_prompt_says(models, judge):
-    """Seeded samples, judged. toy-sd1 falls short of what the toy world asks (README, docs/toyworld.md): on these
-    12 samples it was measured (2026-12-07) at colour 12/12, size 12/12, background 7/12, shape 5/12 and
-    position 1/12. The thresholds keep a wide margin and stay well above chance (colour 1/8, size 1/2, background
-    1/6, object 1/11): a wrong latent scale, scheduler or text encoder drops them to chance. Position is not
-    asserted: the model does not follow it."""
+    """Seeded samples, judged. On these 12 samples toy-sd1 was measured (2026-12-07) at shape 12/12, colour 12/12,
+    size 12/12, background 9/12 and position 8/12. The thresholds keep a wide margin and stay well above chance
+    (colour 1/8, size 1/2, background 1/6, object 1/11, position 1/5): a wrong latent scale, scheduler or text
+    encoder drops them to chance."""
     prompts = [("ball", "red", "grass", "center"), ("box", "blue", "snow", "top left"),
                ("star", "yellow", "night", "center"), ("heart", "pink", "beach", "bottom right"),
                ("moon", "white", "night", "top right"), ("pyramid", "green", "wooden floor", "center")]
     texts = [prompt(s, c, None, b, p, "large") for s, c, b, p in prompts for _ in range(2)]
-    attributes = [{"shape": s, "colour": c, "background": b, "size": "large"} for s, c, b, p in prompts
+    attributes = [{"shape": s, "colour": c, "background": b, "position": p, "size": "large"} for s, c, b, p in prompts
                   for _ in range(2)]
     images = sample(models.pipeline, texts, list(range(len(texts))), steps=20, guidance=6.0)
     hits = score(judge, images, attributes)
     rates = {a: np.mean([h[a] for h in hits]) for a in attributes[0]}
     assert rates["colour"] >= 0.75 and rates["size"] >= 0.75, rates
-    assert rates["background"] >= 0.3 and rates["shape"] >= 0.2, rates
+    assert rates["shape"] >= 0.65 and rates["background"] >= 0.5 and rates["position"] >= 0.4, rates
 
 
 def run_cli(*argv):
@@ -150,29 +149,29 @@ def run_cli(*argv):
 
 
 def test_quickstart_on_toy_sd1_learns_the_subject_then_export_merge_sample(models, tmp_path, capsys):
-    """The README's main job, shortened to 250 steps: the judge finds the subject in the "sks toy" samples far more
-    than before; then every tool on its files with --model builtin:toy-sd1, the merged single-file checkpoint
-    computing exactly what toy-sd1 + the adapter computes."""
+    """The README's main job (its 500 steps, sampled only before and after): the judge finds the subject in the
+    "sks toy" samples far more than before; then every tool on its files with --model builtin:toy-sd1, the merged
+    single-file checkpoint computing exactly what toy-sd1 + the adapter computes."""
     from para_trainer.toyworld.report import identity_scores
     from para_trainer.training.train import main as train_main
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"a photo of sks toy --w 64 --h 64 --d {seed} --s 20 --l 6\n" for seed in range(4))
+    prompts.write_text("".join(f"a photo of sks toy --w 64 --h 64 --d {seed} --s 20 --l 6\n" for seed in range(8))
                        + "a photo of a toy --w 64 --h 64 --d 9 --s 20 --l 6\n")
     out = tmp_path / "quick"
     assert train_main(["--config_file", str(ROOT / "presets" / "quickstart.toml"), "--output_dir", str(out),
-                       "--max_train_steps", "250", "--sample_every_n_steps", "250",
-                       "--sample_prompts", str(prompts)]) == 0
+                       "--sample_every_n_steps", "500", "--sample_prompts", str(prompts)]) == 0
     printed = capsys.readouterr().out
     assert "judge (toy world)" in printed and "prompts with 'sks'" in printed and "prompts without 'sks'" in printed
+    assert (out / "sample" / "contact_sheet.png").exists() and "contact sheet:" in printed
     before = sorted((out / "sample").glob("quickstart_000000_*.png"))
-    after = sorted((out / "sample").glob("quickstart_000250_*.png"))
-    assert len(before) == len(after) == 5
+    after = sorted((out / "sample").glob("quickstart_000500_*.png"))
+    assert len(before) == len(after) == 9
     subject = sorted((ROOT / "para_trainer" / "example_data" / "train" / "5_sks toy").glob("*.png"))
-    scores = identity_scores(before, after, ["a photo of sks toy"] * 4 + ["a photo of a toy"], subject, "sks")
+    scores = identity_scores(before, after, ["a photo of sks toy"] * 8 + ["a photo of a toy"], subject, "sks")
     print("identity before -> after:", scores)
-    first, last, _ = scores["with identifier"]
-    assert last > first + IDENTITY_RISE, scores
+    subject = scores["with identifier"]
+    assert subject.after > subject.before + IDENTITY_RISE, scores
     adapter = out / "quickstart.safetensors"
 
     merged = tmp_path / "merged.safetensors"

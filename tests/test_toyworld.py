@@ -270,3 +270,30 @@ def test_pretraining_runs_every_stage_and_resumes_to_the_same_weights(tmp_path, 
     assert list(pipe.unet.config.block_out_channels) == [32, 64, 128, 128]
     image = pipe("a photo of a red ball", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_sample_sheet_puts_each_step_in_a_row_and_each_prompt_in_a_column(tmp_path):
+    """The trainer's sample/contact_sheet.png on toy-sd1: rows in step order (the base model's first), columns by
+    prompt index, the training images last, 64 px shown at 128; another run's samples left out."""
+    from para_trainer.sampling import contact_sheet
+    from para_trainer.toyworld.report import sample_sheet
+
+    def solid(value):
+        return Image.new("RGB", (64, 64), (value, 255 - value, 7))
+
+    names = {("000500", 1): 10, ("000500", 0): 20, ("000000", 1): 30, ("000000", 0): 40, ("000250", 0): 50,
+             ("000250", 1): 60}
+    for (tag, index), value in names.items():
+        solid(value).save(tmp_path / f"run_{tag}_{index:02d}_20261207120000_{index + 1}.png")
+    solid(99).save(tmp_path / f"other_000000_00_20261207000000.png")  # another run's name: not in the sheet
+    photo = tmp_path / "photo.png"
+    solid(70).save(photo)
+    sheet = sample_sheet(tmp_path, "run", ["first prompt", "second prompt"], [str(photo)])
+
+    def big(value):
+        return solid(value).resize((128, 128), Image.NEAREST)
+
+    expected = contact_sheet([[big(40), big(30)], [big(50), big(60)], [big(20), big(10)], [big(70)]],
+                             ["base model (before)", "step 250", "step 500", "training images"],
+                             ["first prompt", "second prompt"])
+    assert sheet.size == expected.size and sheet.tobytes() == expected.tobytes()

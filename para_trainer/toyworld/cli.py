@@ -180,7 +180,7 @@ def add_subcommand(commands) -> None:
     pretrain.add_argument("--unet-steps", dest="unet_steps", type=int)
     pretrain.add_argument("--layout-steps", dest="layout_steps", type=int,
                           help="steps of a last phase that names the position in every caption, at timesteps >= 500 "
-                               "(default 0; 1800 with --unet-steps 13000 builds the step-14,800 model)")
+                               "(default 1800, after the default 13000 --unet-steps: the shipped model's recipe)")
     pretrain.add_argument("--vae-crop-steps", dest="vae_crop_steps", type=int)
     pretrain.add_argument("--vae-full-steps", dest="vae_full_steps", type=int)
     pretrain.add_argument("--images", type=int)

@@ -55,14 +55,14 @@ class Recipe:
     vae_lr: float = 8e-4
     vae_edge_weight: float = 0.5
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 6500
+    unet_steps: int = 13000
     unet_batch: int = 32
     unet_lr: float = 3e-4
     unet_warmup: int = 200
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    layout_steps: int = 0  # a last UNet phase after unet_steps (1800 builds the step-14,800 model): see stage_unet
+    layout_steps: int = 1800  # a last UNet phase after unet_steps: see stage_unet
     layout_lr: float = 1e-4
     layout_min_timestep: int = 500
     layout_ema_decay: float = 0.99

@@ -357,7 +357,7 @@ def train(args, status: RunStatus | None = None) -> None:
         last_samples = sample(plan.max_train_steps, final_epoch, f"{plan.max_train_steps:06d}")
     if main_process:
         output.finish()
-        judge_report(models, dataset, prompts, first_samples, last_samples)
+        judge_report(args, models, dataset, prompts, first_samples, last_samples)
     accelerator.end_training()
     hub_uploads.finish()  # the final push; raises HubError if any upload failed (the files are all saved)
 
@@ -712,9 +712,10 @@ def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -
         network.train()
 
 
-def judge_report(models, dataset, prompts, before: list, after: list) -> None:
-    """On toy-sd1, with samples drawn before and after training: the judge's identity scores (toyworld/report.py)."""
-    from ..toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model
+def judge_report(args, models, dataset, prompts, before: list, after: list) -> None:
+    """On toy-sd1, with samples drawn before and after training: the judge's identity scores and a contact sheet
+    of every sampled step beside the training images, sample/contact_sheet.png (toyworld/report.py)."""
+    from ..toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model, sample_sheet
 
     if not (before and len(before) == len(after) and is_toy_model(models.unet)):
         return
@@ -724,6 +725,10 @@ def judge_report(models, dataset, prompts, before: list, after: list) -> None:
     if identifier:
         scores = identity_scores(before, after, [p.prompt for p in prompts], [e.path for e in subjects], identifier)
         print(format_scores(scores, identifier))
+    sheet = os.path.join(args.output_dir, "sample", "contact_sheet.png")
+    photos = list(dict.fromkeys(e.path for e in subjects))[:max(len(prompts), 5)]
+    sample_sheet(os.path.dirname(sheet), args.output_name, [p.prompt for p in prompts], photos).save(sheet)
+    print(f"  contact sheet: {sheet}")
 
 
 def remove_stale_temporaries(folder: str) -> None:
