@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
-
-from PIL.PngImagePlugin import PngInfo
 
 from networks.adapter_base import AdapterFileError
 
 from .files.adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
 from .flux import add_flux_part_arguments
 from .paths import file_in_the_way
-from .sampling import SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file
+from .sampling import (SHEET_NAME, SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file,
+                       save_png)
 
-SHEET_NAME = "contact_sheet.png"
 
 
 def adapter_rows(networks: list[tuple[AdapterFile, float]], compare: bool, strengths: list[float] | None):
@@ -61,21 +58,6 @@ def prompt_columns(prompts: list[SamplePrompt], seed: int, seeds: int) -> list[S
     return columns
 
 
-def _save_png(image, path: Path) -> None:
-    """Write under a temporary name, then rename: no truncated image under the final name."""
-    info = PngInfo()
-    if "parameters" in image.info:
-        info.add_text("parameters", image.info["parameters"])
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(temp, format="PNG", pnginfo=info)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
 def sample(models, networks: list[tuple[AdapterFile, float]], prompts: list[SamplePrompt], out_dir, *,
            compare: bool = False, strengths: list[float] | None = None, seed: int = 0, seeds: int = 1,
            sampler: str = "ddim", size: tuple[int, int] | None = None, clip_skip: int | None = None,
@@ -102,13 +84,13 @@ def sample(models, networks: list[tuple[AdapterFile, float]], prompts: list[Samp
                                        prediction_type=prediction_type)
                 image.info["parameters"] += f"\nAdapters: {label}"
                 path = out_dir / f"{row:02d}_{column:02d}_seed{prompt.seed}.png"
-                _save_png(image, path)
+                save_png(image, path)
                 row_images.append(image)
                 files.append(str(path))
         images.append(row_images)
     column_labels = [f"{p.prompt} (seed {p.seed})" for p in columns]
     sheet_path = out_dir / SHEET_NAME
-    _save_png(contact_sheet(images, [label for label, _ in rows], column_labels), sheet_path)
+    save_png(contact_sheet(images, [label for label, _ in rows], column_labels), sheet_path)
     return {"images": files, "sheet": str(sheet_path), "rows": [label for label, _ in rows],
             "columns": column_labels}
 

@@ -13,8 +13,10 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import re
 import secrets
+import tempfile
 import textwrap
 import time
 import warnings
@@ -473,6 +475,24 @@ def sample_images(pipe, prompts: list[SamplePrompt], output_dir, name: str | Non
         image.save(path, pnginfo=png_info)
         paths.append(path)
     return paths
+
+
+SHEET_NAME = "contact_sheet.png"  # the labelled grid `sample` and the trainer (on toy-sd1) write beside samples
+
+
+def save_png(image, path: Path) -> None:
+    """Write under a temporary name, then rename: no truncated image under the final name (A1111 parameters kept)."""
+    info = PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(temp, format="PNG", pnginfo=info)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
 
 
 SAMPLE_FILE = re.compile(r"^(?P<prefix>.*?)(?P<tag>e?\d{6})_(?P<index>\d{2})_\d{14}(?:_\d+)?\.png$")

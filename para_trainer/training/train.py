@@ -715,6 +715,9 @@ def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -
 def judge_report(args, models, dataset, prompts, before: list, after: list) -> None:
     """On toy-sd1, with samples drawn before and after training: the judge's identity scores and a contact sheet
     of every sampled step beside the training images, sample/contact_sheet.png (toyworld/report.py)."""
+    from pathlib import Path
+
+    from ..sampling import SHEET_NAME, save_png
     from ..toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model, sample_sheet
 
     if not (before and len(before) == len(after) and is_toy_model(models.unet)):
@@ -725,9 +728,9 @@ def judge_report(args, models, dataset, prompts, before: list, after: list) -> N
     if identifier:
         scores = identity_scores(before, after, [p.prompt for p in prompts], [e.path for e in subjects], identifier)
         print(format_scores(scores, identifier))
-    sheet = os.path.join(args.output_dir, "sample", "contact_sheet.png")
+    sheet = Path(args.output_dir) / "sample" / SHEET_NAME
     photos = list(dict.fromkeys(e.path for e in subjects))[:max(len(prompts), 5)]
-    sample_sheet(os.path.dirname(sheet), args.output_name, [p.prompt for p in prompts], photos).save(sheet)
+    save_png(sample_sheet(sheet.parent, args.output_name, [p.prompt for p in prompts], photos), sheet)
     print(f"  contact sheet: {sheet}")
 
 
