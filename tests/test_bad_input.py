@@ -359,24 +359,30 @@ def test_pickles_are_not_loaded(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
-    out = tmp_path / "out"
+    out, err_file = tmp_path / "out", tmp_path / "stderr.txt"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    process = subprocess.Popen([sys.executable, "-m", "para_trainer", "train",
-                                *train_args(out, "--save_every_n_steps", "2", "--save_state", steps=100000)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = out / "run_train_log.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) > 5 and (out / "run-step00000002-state").exists():
-            break
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    try:
-        _, err = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # kill it, or it trains on and slows every later test
-        process.kill()
-        _, err = process.communicate()
-        pytest.fail("training did not stop within 120 s of Ctrl-C:\n" + err[-2000:])
+    # stderr goes to a file, not a pipe that nobody reads while it trains. And a suite started in the background
+    # (`nohup ... &`) hands its children SIGINT ignored, which Python keeps: the child would train on. A user's
+    # terminal sends Ctrl-C to Python's default handler, so the child gets that handler back.
+    with open(err_file, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "para_trainer", "train",
+                                    *train_args(out, "--save_every_n_steps", "2", "--save_state", steps=100000)],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        log = out / "run_train_log.csv"
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) > 5 and (out / "run-step00000002-state").exists():
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # kill it, or it trains on and slows every later test
+            process.kill()
+            process.wait()
+            pytest.fail("training did not stop within 120 s of Ctrl-C:\n" + err_file.read_text()[-2000:])
+    err = err_file.read_text()
     assert process.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted at step ") and "last saved state" in last and "--resume" in last
