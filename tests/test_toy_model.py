@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import toml
 import torch
 from safetensors import safe_open
 
@@ -149,7 +150,7 @@ def run_cli(*argv):
 
 
 def test_quickstart_on_toy_sd1_learns_the_subject_then_export_merge_sample(models, tmp_path, capsys):
-    """The README's main job (its 500 steps, sampled only before and after): the judge finds the subject in the
+    """The README's main job (its preset's steps, sampled only before and after): the judge finds the subject in the
     "sks toy" samples far more than before; then every tool on its files with --model builtin:toy-sd1, the merged
     single-file checkpoint computing exactly what toy-sd1 + the adapter computes."""
     from para_trainer.toyworld.report import identity_scores
@@ -158,14 +159,15 @@ def test_quickstart_on_toy_sd1_learns_the_subject_then_export_merge_sample(model
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a photo of sks toy --w 64 --h 64 --d {seed} --s 20 --l 6\n" for seed in range(8))
                        + "a photo of a toy --w 64 --h 64 --d 9 --s 20 --l 6\n")
-    out = tmp_path / "quick"
-    assert train_main(["--config_file", str(ROOT / "presets" / "quickstart.toml"), "--output_dir", str(out),
-                       "--sample_every_n_steps", "500", "--sample_prompts", str(prompts)]) == 0
+    out, preset = tmp_path / "quick", ROOT / "presets" / "quickstart.toml"
+    steps = toml.load(preset)["training"]["max_train_steps"]
+    assert train_main(["--config_file", str(preset), "--output_dir", str(out),
+                       "--sample_every_n_steps", str(steps), "--sample_prompts", str(prompts)]) == 0
     printed = capsys.readouterr().out
     assert "judge (toy world)" in printed and "prompts with 'sks'" in printed and "prompts without 'sks'" in printed
     assert (out / "sample" / "contact_sheet.png").exists() and "contact sheet:" in printed
     before = sorted((out / "sample").glob("quickstart_000000_*.png"))
-    after = sorted((out / "sample").glob("quickstart_000500_*.png"))
+    after = sorted((out / "sample").glob(f"quickstart_{steps:06d}_*.png"))
     assert len(before) == len(after) == 9
     subject = sorted((ROOT / "para_trainer" / "example_data" / "train" / "5_sks toy").glob("*.png"))
     scores = identity_scores(before, after, ["a photo of sks toy"] * 8 + ["a photo of a toy"], subject, "sks")
