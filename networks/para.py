@@ -298,6 +298,19 @@ def para_lora_factors(weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tens
     return up.contiguous(), down.contiguous()
 
 
+# B at step 0: "orthogonal", a random subspace (the paper's), or "low_energy", W0's least-used output directions
+INITS = ("orthogonal", "low_energy")
+
+
+def low_energy_basis(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """The `rank` output directions W0 uses least, orthonormal (out, rank): the left singular vectors of the
+    flattened weight with the smallest singular values. Removing them changes the layer least — not at all where
+    the layer has more outputs than inputs, since W0 then never writes to those directions (`init=low_energy`)."""
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    u = torch.linalg.svd(w, full_matrices=w.shape[0] > w.shape[1])[0]  # U (out, out); V no larger than needed
+    return u[:, u.shape[1] - rank:].contiguous()
+
+
 # Chains: several adapters on one layer, applied in order. A merge of PaRa files, PaRa with LoRA (the paper's
 # joint form) and PaRa after a LoRA file are all chains of these two stage kinds.
 
@@ -468,7 +481,7 @@ class ParaModule(AdapterModule):
 
     def __init__(self, lora_name: str, layer: nn.Module, rank: int, para_scale: float = 1.0,
                  lora_rank: int | None = None, lora_scale: float = 1.0, split: tuple[int, ...] | None = None,
-                 **kwargs):
+                 init: str = INITS[0], **kwargs):
         super().__init__(lora_name, layer, **kwargs)
         sizes = split or (self.out_features,)
         if sum(sizes) != self.out_features:
@@ -483,8 +496,11 @@ class ParaModule(AdapterModule):
         self.split = tuple(split) if split else None
         self.rank = rank * len(sizes)
         b = torch.zeros(self.out_features, self.rank)
-        for rows, columns in _blocks(sizes, rank):
-            nn.init.orthogonal_(b[rows, columns])  # full column rank from the start: QR's gradient needs it
+        for rows, columns in _blocks(sizes, rank):  # orthonormal from the start: QR's gradient needs full rank
+            if init == "low_energy":
+                b[rows, columns] = low_energy_basis(layer.weight[rows], rank).to(b.device)
+            else:  # the paper's: a random subspace, so the model changes from step 0
+                nn.init.orthogonal_(b[rows, columns])
         self.para_b = nn.Parameter(b)
         if self.split:
             mask = torch.zeros_like(b, dtype=torch.bool)
@@ -806,6 +822,7 @@ NETWORK_ARGS = {
     "conv_dim": positive_int,
     "conv_alpha": float,  # accepted for sd-scripts configs; PaRa has no scale, so it has no effect
     "preset": choice(PRESETS),
+    "init": choice(INITS),
     "include": regex,
     "exclude": regex,
     "dropout": probability,
@@ -855,7 +872,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         ParaModule(t.lora_name, t.layer, layer_rank, para_scale=para_scale, lora_rank=lora_rank,
                    lora_scale=lora_scale, dropout=dropout, rank_dropout=args.get("rank_dropout"),
                    module_dropout=args.get("module_dropout"),
-                   split=split_parts(t) if args.get("split_qkv") else None)
+                   split=split_parts(t) if args.get("split_qkv") else None, init=args.get("init") or INITS[0])
         for t, layer_rank in ranked
     ]
     network = ParaNetwork(modules, multiplier)

@@ -264,3 +264,34 @@ def test_dropouts_only_act_in_training():
     with torch.no_grad():
         outputs = {tuple(unet.block.layer(x).flatten()[:8].tolist()) for _ in range(8)}
     assert len(outputs) > 1
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_low_energy_init_is_the_smallest_change_a_rank_r_para_can_make(kind):
+    """init=low_energy: ‖ΔW‖ is the Eckart-Young floor (the r smallest singular values of W0; zero on layers with
+    more outputs than inputs), well below the paper's random init; B orthonormal; and the gradient still flows."""
+    rank = 5
+    torch.manual_seed(0)
+    make_layer, block, make_input = LAYERS[kind]
+    unet = TinyUNet(make_layer(), block)
+    w0 = unet.block.layer.weight.detach().clone()
+    singular = torch.linalg.svdvals(w0.reshape(w0.shape[0], -1).double())
+    singular = torch.cat([singular, singular.new_zeros(max(0, w0.shape[0] - singular.numel()))])  # unused outputs
+    floor = singular[-rank:].square().sum().sqrt().item()
+    change = {}
+    for init in ("orthogonal", "low_energy"):
+        network = para.create_network(1.0, rank, 1, None, None, unet, conv_dim=str(rank), init=init)
+        (module,) = network.adapter_modules
+        b = module.para_b.detach().double()
+        assert torch.allclose(b.T @ b, torch.eye(rank, dtype=b.dtype), atol=1e-5)
+        change[init] = (projected_weight(w0, b, 1.0) - w0.double()).norm().item()
+    assert change["low_energy"] == pytest.approx(floor, abs=1e-5)
+    assert change["low_energy"] < 0.9 * change["orthogonal"], change  # 0.70 on random conv weights, the closest
+    network.apply_to(None, unet, False, True)
+    unet(make_input()).square().sum().backward()
+    assert module.para_b.grad.norm() > 1e-3  # removing nothing yet, but not stuck there
+
+
+def test_unknown_init_names_the_choices():
+    with pytest.raises(Exception, match="orthogonal, low_energy"):
+        para.create_network(1.0, 2, 1, None, None, TinyUNet(nn.Linear(8, 8), Transformer2DModel), init="random")

@@ -164,6 +164,23 @@ def test_comparisons_pair_cells_by_concept_and_seed_and_the_sweep_uses_common_pa
     assert spread["LoRA r=1"]["best_factor"] == 1.0 and "PaRa (full) r=2" not in spread
 
 
+def test_low_energy_init_is_compared_with_random_init_and_runs_only_when_named():
+    import argparse
+
+    from para_trainer.quality.cli import add_subcommand
+
+    cells = [fake_cell("para-exca", 2, c, 0, 0.5) for c in "abc"]
+    cells += [fake_cell("para-exca-low-energy", 2, c, 0, 0.6 + 0.01 * i) for i, c in enumerate("abc")]
+    (claim,) = [c for c in report.claims(cells) if "low-energy init vs random init" in c["claim"]]
+    assert claim["a"] == ["para-exca-low-energy", 2] and claim["fidelity"]["pairs"] == 3
+    assert claim["fidelity"]["mean_difference"] == pytest.approx(0.11)
+    commands = argparse.ArgumentParser().add_subparsers(dest="command")
+    add_subcommand(commands)
+    default = commands.choices["quality"].parse_args([]).methods
+    assert "para-exca" in default and "para-exca-low-energy" not in default
+    assert "init=low_energy" in METHODS["para-exca-low-energy"].args(2)
+
+
 def test_single_image_cells_train_on_one_photo_and_report_apart(tmp_path):
     from para_trainer.quality.prompts import single_image_prompts
 

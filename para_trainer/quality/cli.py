@@ -130,7 +130,10 @@ def add_subcommand(commands) -> None:
                              "each still recognised? (quality/multi_subject.py)")
     parser.add_argument("--report", action="store_true", help="only the table and plots from finished cells")
     parser.add_argument("--concepts", nargs="+", help="held-out concepts (default: all)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: {' '.join(METHODS)}")
+    default_methods = [name for name, method in METHODS.items() if method.in_default_study]
+    parser.add_argument("--methods", nargs="+", default=default_methods,
+                        help=f"default: {' '.join(default_methods)}; also: "
+                             f"{' '.join(name for name in METHODS if name not in default_methods)}")
     parser.add_argument("--ks", nargs="+", type=int, default=list(KS),
                         help="budgets: PaRa r=k and 2k against the others at r=k (default 1 2)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per cell (default 3)")

@@ -27,6 +27,7 @@ class Method:
     ranked: bool = True  # False: the rank does not apply (KronA's factor shapes are its own)
     conv_rank: bool = False  # network_args conv_dim = rank (LoCon)
     notes: str = ""
+    in_default_study: bool = True  # False: runs only when --methods names it
 
     def args(self, rank: int) -> list[str]:
         """The trainer's network options for this method at `rank`."""
@@ -47,6 +48,10 @@ METHODS = {m.name: m for m in (
            notes="the UNet's transformer blocks and the text encoder (sd-scripts' default targets)"),
     Method("para-exca", "PaRa (exca)", "networks.para", 1e-2, ("preset=exca",),
            notes="the paper's ExCA subset: UNet transformer and resnet blocks except cross-attention"),
+    Method("para-exca-low-energy", "PaRa (exca, low-energy init)", "networks.para", 1e-2,
+           ("preset=exca", "init=low_energy"), in_default_study=False,
+           notes="PaRa (exca) started from W0's least-used output directions instead of random ones (init=low_energy): "
+                 "the same method, without the change a random subspace makes before the first step"),
     Method("para+lora", "PaRa + LoRA (lora_dim)", "networks.para", 1e-2, ("preset=full", "lora_dim=1"),
            notes="the paper's composition, trained jointly: PaRa at the rank and a LoRA of rank 1 on the same "
                  "layers (ΔW = -QQᵀW0 + B A)"),

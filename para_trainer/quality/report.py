@@ -136,7 +136,7 @@ def compare(cells: list[dict], a: tuple[str, int], b: tuple[str, int], metrics=(
 def claims(cells: list[dict]) -> list[dict]:
     """PaRa against LoRA at equal parameters (r = 2k vs k) and equal rank (k vs k), for each k."""
     out = []
-    for para in ("para", "para-exca"):
+    for para in ("para", "para-exca", "para-exca-low-energy"):
         for k in KS:
             for label, para_rank in (("equal parameters", 2 * k), ("equal rank", k)):
                 result = compare(cells, (para, para_rank), ("lora", k))
@@ -154,6 +154,11 @@ def claims(cells: list[dict]) -> list[dict]:
                 if result["fidelity"]["pairs"]:
                     out.append({"claim": f"{METHODS[para].label} r={para_rank} lr x{a[2]:g} vs LoRA r={k} lr x{b[2]:g} "
                                 f"({label}, each at its better rate)", "a": list(a), "b": list(b), **result})
+    for rank in sorted({r for k in KS for r in (k, 2 * k)}):  # the starting point alone: W0's quiet directions
+        result = compare(cells, ("para-exca-low-energy", rank), ("para-exca", rank))
+        if result["fidelity"]["pairs"]:
+            out.append({"claim": f"PaRa (exca) r={rank}: low-energy init vs random init",
+                        "a": ["para-exca-low-energy", rank], "b": ["para-exca", rank], **result})
     for k in KS:  # the paper's composition against either part alone
         for other in ("para", "lora"):
             result = compare(cells, ("para+lora", k), (other, k))
