@@ -4,13 +4,12 @@ and full presets. Eight prompts, DDIM 20 steps, CFG 6, the same seeds in every r
     .venv/bin/python docs/toyworld/probes/init_sheet.py docs/toyworld/init.png"""
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from PIL import Image
 
 from networks import para
-from para_trainer.models import load_models
+from para_trainer.files.export import load_base_model
 from para_trainer.sampling import contact_sheet, save_png
 from para_trainer.toyworld.evaluate import sample
 
@@ -27,8 +26,7 @@ def row(models) -> list[Image.Image]:
 rows, labels = [], []
 for preset, init in ((None, None), ("exca", "orthogonal"), ("exca", "low_energy"), ("full", "orthogonal"),
                      ("full", "low_energy")):
-    models = load_models(SimpleNamespace(pretrained_model_name_or_path="builtin:toy-sd1", v2=False,
-                                         v_parameterization=False, vae=None))
+    models = load_base_model("builtin:toy-sd1")
     if preset:
         torch.manual_seed(42)
         network = para.create_network(1.0, 2, None, models.vae, models.text_encoders[0], models.unet,

@@ -1,24 +1,22 @@
 """Score one quick-start probe's adapter (run.sh): 16 samples from toy-sd1 + the adapter (its own DDIM, 20 steps,
 CFG 6, seeds 0-15) — "a photo of sks toy" in four scenes x 2 seeds, "a photo of a toy" in four, four world prompts —
-and what the judge sees: identity score (mean cosine similarity of the judge's embeddings to 64 fresh renders of
+and what the judge sees: identity score (mean cosine similarity of the judge's embeddings to 32 fresh renders of
 the concept), how many the object head calls the concept, how many world prompts keep their shape. `base` as a third
 argument scores toy-sd1 alone first. Writes <adapter>.<base|after>.png (two rows of eight)."""
 import json
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
 from networks import para
-from para_trainer.models import load_models
+from para_trainer.files.export import load_base_model
 from para_trainer.quality.scores import reference_embeddings
 from para_trainer.toyworld.evaluate import sample
 from para_trainer.toyworld.judge import load_judge
 
 adapter, concept = sys.argv[1], sys.argv[2]
-models = load_models(SimpleNamespace(pretrained_model_name_or_path="builtin:toy-sd1", v2=False,
-                                     v_parameterization=False, vae=None))
+models = load_base_model("builtin:toy-sd1")
 judge = load_judge()
 references = reference_embeddings(judge, concept)
 scenes = ["on the beach", "in the snow", "on the grass", "at night"]
