@@ -703,8 +703,18 @@ def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, part = key.partition(".")
-        groups.setdefault(module, {})[part] = tensor
+        groups.setdefault(standard_module_name(module), {})[part] = tensor
     return groups
+
+
+_CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?)_encoder_layers_")
+
+
+def standard_module_name(name: str) -> str:
+    """LyCORIS (4.1.3) under transformers 5 names CLIP's layers without the `text_model` level that CLIPTextModel
+    lost there (lora_te_encoder_layers_0_mlp_fc1); sd-scripts, the WebUIs and this project write
+    lora_te_text_model_encoder_layers_0_mlp_fc1. lora_te3 (FLUX's T5) has no such level and is left alone."""
+    return _CLIP_WITHOUT_TEXT_MODEL.sub(r"\1_text_model_encoder_layers_", name)
 
 
 def module_kind_of_parts(parts) -> str:

@@ -136,3 +136,36 @@ def test_scale_weight_norms_caps_every_module():
     after = [float(m.delta_weight().norm()) for m in network.adapter_modules]
     assert max(after) <= 0.5 + 1e-5 and largest == pytest.approx(max(after), rel=1e-4)
     assert all(a == pytest.approx(min(n, 0.5), rel=1e-4) for a, n in zip(after, norms))
+
+
+def test_a_lycoris_file_with_text_encoder_layers_applies_as_lycoris_computes_it(tmp_path):
+    """LyCORIS under transformers 5 writes lora_te_encoder_layers_... (CLIPTextModel lost its text_model level);
+    our tools read those modules as lora_te_text_model_encoder_layers_..., the names every front end uses, and the
+    text encoder then computes what LyCORIS's own forward computes."""
+    from lycoris import kohya
+
+    models = load_base_model("builtin:tiny-sd1")
+    encoder = models.text_encoder_for_network
+    ids = models.tokenizers[0](["a photo of sks toy"], padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = encoder(ids)[0]
+    network = kohya.create_network(1.0, 2, 2, models.vae, encoder, models.unet, algo="locon", preset="attn-mlp")
+    network.apply_to(encoder, models.unet, True, True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(0, 0.2)  # LyCORIS starts its up weights at zero
+        expected = encoder(ids)[0]
+    path = tmp_path / "locon.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+
+    adapter = read_adapter(str(path))
+    names = {name for name in adapter.chains if name.startswith("lora_te")}
+    assert names and all(name.startswith("lora_te_text_model_encoder_layers_") for name in names)
+    fresh = load_base_model("builtin:tiny-sd1")
+    apply_adapters(fresh, [(adapter, 1.0)])
+    with torch.no_grad():
+        got = fresh.text_encoder_for_network(ids)[0]
+    assert not torch.allclose(got, base, atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
