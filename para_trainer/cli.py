@@ -18,7 +18,7 @@
     para-trainer comfyui install PATH   install the ComfyUI node package for native PaRa files (Load LoRA nodes)
     para-trainer bench [--ranks 4,32,128] [--methods ...] [--json] [--smoke]
                                         PaRa vs peft LoRA/PaRa, LyCORIS, sd-scripts LoRA, KronA: step time,
-                                        memory, parameters, file size on one UNet (para_trainer/bench.py)
+                                        memory, parameters, file size on one UNet (para_trainer/commands/bench.py)
     para-trainer push FILE_OR_DIR... USER/REPO [--revision R] [--private] [--message M]
                                         upload adapters, their LoRA export, samples and a model card in one commit
     para-trainer pull USER/REPO[@REV] [FILE ...] [-o DIR]
@@ -52,7 +52,7 @@ def _refuse_path_under_file(path: str, what: str) -> bool:
 
 
 def _tiny_model(options) -> int:
-    from .tiny_models import build_tiny_pipeline, save_tiny_pipeline
+    from .models.tiny import build_tiny_pipeline, save_tiny_pipeline
 
     if _refuse_path_under_file(options.out, "OUT"):
         return 2
@@ -66,7 +66,7 @@ def _tiny_model(options) -> int:
     else:
         pipe, kind = build_tiny_pipeline(options.kind, seed=options.seed), options.kind
     if options.out.endswith((".safetensors", ".ckpt")):
-        from .checkpoint import save_single_file
+        from .models.checkpoint import save_single_file
 
         save_single_file(pipe, options.out, kind=kind)
     elif options.kind == "toy-sd1":
@@ -79,14 +79,14 @@ def _tiny_model(options) -> int:
 
 def _tiny_flux(options) -> int:
     """builtin:tiny-flux as a diffusers folder, or with --bfl as sd-scripts' four FLUX files in the folder."""
-    from .flux.tiny import build_tiny_flux, save_tiny_flux
+    from .models.flux.tiny import build_tiny_flux, save_tiny_flux
 
     if options.out.endswith((".safetensors", ".ckpt")):
         print("error: a FLUX model is several files: give a folder (with --bfl for sd-scripts' flux1, ae, clip_l and "
               "t5xxl .safetensors files)", file=sys.stderr)
         return 2
     if options.bfl:
-        from .flux.bfl import save_bfl_files
+        from .models.flux.bfl import save_bfl_files
 
         files = save_bfl_files(build_tiny_flux(seed=options.seed), options.out)
         print("wrote the tiny FLUX as sd-scripts' files: " + ", ".join(files.values()))
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="export although the file records another base model")
     export.add_argument("--v2", action="store_true", help="the base is an SD2 single-file checkpoint")
     export.add_argument("--v_parameterization", action="store_true")
-    from .flux import add_flux_part_arguments
+    from .models.flux import add_flux_part_arguments
 
     add_flux_part_arguments(export)
     export.set_defaults(run=_export)
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flux_part_arguments(merge)
     merge.set_defaults(run=_merge)
 
-    from .sample_command import add_subcommand as add_sample_subcommand
+    from .commands.sample import add_subcommand as add_sample_subcommand
 
     add_sample_subcommand(commands)
 
@@ -189,15 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-hash", dest="no_hash", action="store_true", help="skip hashing (big checkpoints)")
     inspect.set_defaults(run=_inspect)
 
-    from .webui import add_subcommand as add_webui_subcommand
+    from .commands.webui import add_subcommand as add_webui_subcommand
 
     add_webui_subcommand(commands)
 
-    from .comfyui import add_subcommand as add_comfyui_subcommand
+    from .commands.comfyui import add_subcommand as add_comfyui_subcommand
 
     add_comfyui_subcommand(commands)
 
-    from .bench import add_subcommand as add_bench_subcommand
+    from .commands.bench import add_subcommand as add_bench_subcommand
 
     add_bench_subcommand(commands)
 

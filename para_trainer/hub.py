@@ -498,7 +498,7 @@ def _sample_prompt(path: str) -> str | None:
 
 def _newest_samples(entries: dict[str, str], limit: int = 4) -> list[tuple[str, str]]:
     """(path in repo, prompt) of the newest sample of each prompt index, for the card's widget."""
-    from .sampling import parse_sample_name
+    from .models.sampling import parse_sample_name
 
     newest: dict[str, tuple[str, str]] = {}
     for target, local in sorted(entries.items(), key=lambda item: os.path.getmtime(item[1])):

@@ -11,8 +11,9 @@ import struct
 import pytest
 import torch
 
-from para_trainer import bench, cli
-from para_trainer.tiny_models import read_tiny_config
+from para_trainer import cli
+from para_trainer.commands import bench
+from para_trainer.models.tiny import read_tiny_config
 
 METHODS = ["floor", "para", "peft-lora", "peft-para", "sd-lora", "locon", "krona"]
 RANKLESS = ("floor", "krona")
@@ -188,7 +189,7 @@ def test_flux_bench_runs_para_beside_peft_lora_on_the_same_weights(tmp_path):
     both cover the same weights, and PaRa's parameters are d_out·r per fused layer."""
     from diffusers import FluxTransformer2DModel
 
-    from para_trainer.flux.tiny import read_config
+    from para_trainer.models.flux.tiny import read_config
 
     output = io.StringIO()
     with contextlib.redirect_stdout(output), pytest.raises(SystemExit) as exit_info:

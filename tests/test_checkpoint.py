@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from para_trainer import checkpoint
-from para_trainer.checkpoint import CheckpointError, load_single_file, save_single_file
-from para_trainer.tiny_models import (
+from para_trainer.models import checkpoint
+from para_trainer.models.checkpoint import CheckpointError, load_single_file, save_single_file
+from para_trainer.models.tiny import (
     KINDS,
     build_tiny_pipeline,
     read_tiny_config,
@@ -330,7 +330,7 @@ def test_model_kind_flags(saved, caplog):
         load_single_file(saved["sd2"], sdxl=True)
     with pytest.raises(CheckpointError, match="SDXL checkpoint"):
         load_single_file(saved["sdxl"], v2=True)
-    with caplog.at_level(logging.WARNING, logger="para_trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="para_trainer.models.checkpoint"):
         pipe = load_single_file(saved["sd2"])  # detected without --v2, with a warning
     assert "--v2 was not given" in caplog.text
     assert pipe.text_encoder.config.hidden_act == "gelu"

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from networks.adapter_base import named_layers
-from para_trainer.models import load_models
+from para_trainer.models.loading import load_models
 from para_trainer.training.train import main as train_main
 
 from commands import run_cli

@@ -12,11 +12,11 @@ from safetensors import safe_open
 
 from networks import para
 from networks.adapter_base import named_layers
-from para_trainer import tiny_models
-from para_trainer.checkpoint import load_single_file
 from para_trainer.files.export import ExportError, export_lora, export_merged, load_base_model, run_export
 from para_trainer.files.metadata import FINGERPRINT_KEY, base_fingerprint
-from para_trainer.models import StableDiffusionModels
+from para_trainer.models import tiny as tiny_models
+from para_trainer.models.checkpoint import load_single_file
+from para_trainer.models.loading import StableDiffusionModels
 
 KINDS = ["sd1", "sdxl"]
 VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}

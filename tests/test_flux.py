@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from networks import adapter_base, para
 from networks.adapter_base import AdapterFileError, NetworkArgsError, StackedLinear, named_layers, set_layer_weight
-from para_trainer.flux.tiny import build_tiny_flux
-from para_trainer.models import load_models
+from para_trainer.models.flux.tiny import build_tiny_flux
+from para_trainer.models.loading import load_models
 from tests.commands import run_cli
 from tests.flux_standin.flux_models import Flux
 
@@ -354,7 +354,7 @@ def test_single_block_linear1_export_at_flux_width_loads_in_diffusers(tmp_path):
 
 
 def test_sd1_file_on_flux_and_flux_file_on_sd1_are_refused_by_name(flux, tmp_path, capsys):
-    from para_trainer import tiny_models
+    from para_trainer.models import tiny as tiny_models
 
     sd1 = tiny_models.build_tiny_pipeline("sd1", seed=0)
     sd_network = para.create_network(1.0, 2, None, None, sd1.text_encoder, sd1.unet)
@@ -379,7 +379,7 @@ def test_sd1_file_on_flux_and_flux_file_on_sd1_are_refused_by_name(flux, tmp_pat
     ({"split_qkv": "True"}, "split_qkv is for FLUX.1"),
 ])
 def test_flux_network_args_on_sd_are_refused(args, message):
-    from para_trainer import tiny_models
+    from para_trainer.models import tiny as tiny_models
 
     sd1 = tiny_models.build_tiny_pipeline("sd1", seed=0)
     with pytest.raises(NetworkArgsError, match=message):
@@ -559,7 +559,7 @@ def bfl_files(tmp_path_factory):
 
 
 def test_bfl_files_have_the_bfl_key_layout_and_load_as_the_same_model(flux, bfl_files):
-    from para_trainer.flux.bfl import load_bfl_pipeline
+    from para_trainer.models.flux.bfl import load_bfl_pipeline
 
     assert set(load_file(str(bfl_files["flux1"]))) == set(bfl_like(flux).state_dict())  # sd-scripts' module tree
     assert "encoder.down.0.block.0.conv1.weight" in load_file(str(bfl_files["ae"]))  # the LDM layout
@@ -618,7 +618,7 @@ def test_a_wrong_file_as_a_flux_part_is_named(bfl_files, tmp_path, capsys):
 
 
 def test_merged_flux_single_file_is_the_bfl_transformer_with_para_baked_in(bfl_files, tmp_path):
-    from para_trainer.flux.bfl import load_bfl_pipeline
+    from para_trainer.models.flux.bfl import load_bfl_pipeline
 
     parts = [str(bfl_files[n]) for n in ("ae", "clip_l", "t5xxl")]
     models = load_models(SimpleNamespace(pretrained_model_name_or_path=str(bfl_files["flux1"]), v2=False,

@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from networks import para
-from para_trainer import tiny_models
-from para_trainer.checkpoint import save_single_file
 from para_trainer.files.export import export_lora, load_base_model
 from para_trainer.files.inspect import InspectError, format_report, inspect, run_inspect
+from para_trainer.models import tiny as tiny_models
+from para_trainer.models.checkpoint import save_single_file
 
 
 def conv3x3_layers(unet):

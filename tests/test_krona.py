@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from networks import adapter_base, krona
-from para_trainer import tiny_models
+from para_trainer.models import tiny as tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "para_trainer", "example_data")

@@ -8,11 +8,12 @@ from safetensors import safe_open
 
 from networks import krona, para
 from networks.adapter_base import named_layers
-from para_trainer import cli, tiny_models
+from para_trainer import cli
 from para_trainer.files.export import load_base_model
-from para_trainer.files.metadata import FINGERPRINT_KEY, base_fingerprint
 from para_trainer.files.inspect import inspect
 from para_trainer.files.merge import merge
+from para_trainer.files.metadata import FINGERPRINT_KEY, base_fingerprint
+from para_trainer.models import tiny as tiny_models
 
 
 def read(path):

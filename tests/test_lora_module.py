@@ -7,9 +7,9 @@ from torch import nn
 
 from networks import lora, para
 from networks.adapter_base import AdapterFileError, NetworkArgsError, read_adapter_file
-from para_trainer import tiny_models
 from para_trainer.files.adapter_files import apply_adapters, read_adapter
 from para_trainer.files.export import load_base_model
+from para_trainer.models import tiny as tiny_models
 
 
 def randomize(network, seed=0, scale=0.2):

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from para_trainer.models import ModelError, StableDiffusionModels, encode_prompts, load_models
-from para_trainer.tiny_models import build_tiny_pipeline
+from para_trainer.models.loading import ModelError, StableDiffusionModels, encode_prompts, load_models
+from para_trainer.models.tiny import build_tiny_pipeline
 
 CAPTIONS = ["a photo of sks toy, on a blue background", "a toy"]
 

@@ -8,7 +8,7 @@ import safetensors
 import torch
 
 from networks import adapter_base, para
-from para_trainer import tiny_models
+from para_trainer.models import tiny as tiny_models
 
 # ---------------------------------------------------------------------------------------------------
 # Models

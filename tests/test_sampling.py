@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from para_trainer import sampling
-from para_trainer.training import args as args_module
-from para_trainer.sampling import (
+from para_trainer.models import sampling
+from para_trainer.models.sampling import (
     SAMPLERS,
     SamplePrompt,
     SamplingError,
@@ -25,7 +24,8 @@ from para_trainer.sampling import (
     resolve_settings,
     sample_images,
 )
-from para_trainer.tiny_models import build_tiny_pipeline
+from para_trainer.models.tiny import build_tiny_pipeline
+from para_trainer.training import args as args_module
 
 # diffusers' k-diffusion schedulers trip numpy 2 deprecation warnings inside diffusers itself.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -88,7 +88,7 @@ def test_txt_prompt_file_with_sd_scripts_options(tmp_path, caplog):
         "plain prompt\n"
         "a dog --s 0 --W 96 --zz nope --g 3.5\n"
     ))
-    with caplog.at_level(logging.WARNING, logger="para_trainer.sampling"):
+    with caplog.at_level(logging.WARNING, logger="para_trainer.models.sampling"):
         prompts = read_prompt_file(path)
     assert prompts == [
         SamplePrompt("a cat, best quality", "low quality, blurry", width=100, height=72, seed=42, steps=1000,
@@ -130,7 +130,7 @@ def test_json_prompt_file_objects_and_lines(tmp_path, caplog):
          "scale": 6, "sample_sampler": "dpmsolver++"},
         {"prompt": "a dog", "seed": 9, "negative_prompt": "ugly", "steps": 50}
     ]""")
-    with caplog.at_level(logging.WARNING, logger="para_trainer.sampling"):
+    with caplog.at_level(logging.WARNING, logger="para_trainer.models.sampling"):
         prompts = read_prompt_file(path)
     assert "prompt 2: unknown key(s) steps are ignored" in caplog.text  # sd-scripts' key is sample_steps
     assert prompts == [

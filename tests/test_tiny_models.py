@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
 
-from para_trainer.tiny_models import (
+from para_trainer.models.tiny import (
     KINDS,
     TOKENIZER_DIR,
     build_real_text_encoder_on_meta,
@@ -21,7 +21,7 @@ from para_trainer.tiny_models import (
     real_unet_config,
     save_tiny_pipeline,
 )
-from para_trainer.tiny_tokenizer import bytes_to_unicode, tokenizer_files, write_tokenizer_files
+from para_trainer.models.tiny_tokenizer import bytes_to_unicode, tokenizer_files, write_tokenizer_files
 
 TEXT_ENCODERS = {"sd1": ["text_encoder"], "sd2": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
 PROMPTS = ["a photo of sks dog, red background", "an oil painting of a city street at sunset"]

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from networks import para
-from para_trainer import tiny_models
-from para_trainer.models import load_models
+from para_trainer.models import tiny as tiny_models
+from para_trainer.models.loading import load_models
 from para_trainer.toyworld import model as toy
 from para_trainer.toyworld.concepts import CONCEPTS, random_concept_scene
 from para_trainer.toyworld.dataset import concept_scenes, render_all, world_scenes
@@ -92,7 +92,7 @@ def test_sd_scripts_keys_are_sd15s(models):
 
 
 def test_single_file_and_folder_load_the_same_weights(models, tmp_path):
-    from para_trainer.checkpoint import save_single_file
+    from para_trainer.models.checkpoint import save_single_file
 
     single = save_single_file(models.pipeline, tmp_path / "toy-sd1.safetensors")
     for source in (str(single), str(toy.TOY_DIR)):

@@ -275,7 +275,7 @@ def test_pretraining_runs_every_stage_and_resumes_to_the_same_weights(tmp_path, 
 def test_sample_sheet_puts_each_step_in_a_row_and_each_prompt_in_a_column(tmp_path):
     """The trainer's sample/contact_sheet.png on toy-sd1: rows in step order (the base model's first), columns by
     prompt index, the training images last, 64 px shown at 128; another run's samples left out."""
-    from para_trainer.sampling import contact_sheet
+    from para_trainer.models.sampling import contact_sheet
     from para_trainer.toyworld.report import sample_sheet
 
     def solid(value):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from para_trainer import tiny_models
+from para_trainer.models import tiny as tiny_models
 from para_trainer.training.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +179,7 @@ def test_bad_toml_key_is_named_with_a_suggestion(tmp_path, capsys):
 def test_single_file_checkpoint_and_diffusers_folder_as_base(tmp_path):
     import hashlib
 
-    from para_trainer.checkpoint import save_single_file
+    from para_trainer.models.checkpoint import save_single_file
 
     single = tmp_path / "tiny-sd1.safetensors"
     save_single_file(tiny_models.build_tiny_pipeline("sd1"), single)  # the original SD key layout

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from networks import para
-from para_trainer import tiny_models, webui
+from para_trainer.commands import webui
+from para_trainer.models import tiny as tiny_models
 
 SCRIPT = "scripts/para_network.py"
 

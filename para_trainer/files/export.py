@@ -32,7 +32,7 @@ from networks.adapter_base import (
 from networks.para import Q_KEY, chain_delta_weight, chain_lora_factors, check_stages_fit, stages_from_file
 
 from .. import __version__
-from ..models import IMPLEMENTATIONS
+from ..models.loading import IMPLEMENTATIONS
 from .adapter_files import layer_chains, read_adapter
 from .metadata import FINGERPRINT_KEY, base_fingerprint, file_sha256
 
@@ -63,8 +63,8 @@ def load_base_model(model: str, v2: bool = False, sdxl: bool = False, v_paramete
                     options=None):
     """The base model (diffusers folder, single file, Hub id or builtin:tiny-*) in float32, as the trainer loads it.
     `options` may carry --ae/--clip_l/--t5xxl, the parts of a BFL single-file FLUX transformer."""
-    from ..flux import FLUX_PART_OPTIONS
-    from ..models import load_models
+    from ..models.flux import FLUX_PART_OPTIONS
+    from ..models.loading import load_models
 
     parts = {name: getattr(options, name, None) for name in FLUX_PART_OPTIONS}
     return load_models(SimpleNamespace(pretrained_model_name_or_path=model, v2=v2, sdxl=sdxl,
@@ -388,7 +388,7 @@ def _save_diffusers_folder(pipe, out: str, dtype) -> None:
                 model = getattr(pipe, name, None)
                 if model is not None:
                     torch.nn.Module.to(model, dtype=dtype)  # ModelMixin.to would warn about kept-fp32 modules
-        from ..tiny_models import save_pretrained_quietly
+        from ..models.tiny import save_pretrained_quietly
 
         save_pretrained_quietly(pipe, temp)
         old = None
@@ -407,7 +407,7 @@ def _save_flux_transformer(models, out: str, dtype) -> None:
     """The (merged) FLUX transformer as one BFL-layout .safetensors file, written atomically."""
     from safetensors.torch import save_file
 
-    from ..flux.bfl import transformer_to_bfl
+    from ..models.flux.bfl import transformer_to_bfl
 
     if not out.endswith(".safetensors"):
         raise ExportError(f"output {out}: a FLUX transformer is written as .safetensors (or as a diffusers folder)")
@@ -480,7 +480,7 @@ def export_merged(adapters, models, out, dtype=None, force: bool = False) -> dic
     if output_format == "single file" and models.kind == "flux":
         _save_flux_transformer(models, out, save_dtype)
     elif output_format == "single file":
-        from ..checkpoint import save_single_file
+        from ..models.checkpoint import save_single_file
 
         save_single_file(models.pipeline, out, dtype=save_dtype)
     else:
@@ -514,8 +514,8 @@ def format_export_report(report: dict) -> str:
 
 def run_export(options) -> int:
     """`para-trainer export` (options from cli.py's parser); errors are printed as one line, exit status 2."""
-    from ..checkpoint import CheckpointError
-    from ..models import ModelError
+    from ..models.checkpoint import CheckpointError
+    from ..models.loading import ModelError
 
     from ..hub import HubError, resolve_path
 

@@ -200,8 +200,8 @@ def format_merge_report(report: dict) -> str:
 
 def run_merge(options) -> int:
     """`para-trainer merge` (options from cli.py); errors are printed as one line, exit status 2."""
-    from ..checkpoint import CheckpointError
-    from ..models import ModelError
+    from ..models.checkpoint import CheckpointError
+    from ..models.loading import ModelError
     from ..hub import HubError, resolve_path
 
     try:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from .. import __version__
-from ..models import IMPLEMENTATIONS
+from ..models.loading import IMPLEMENTATIONS
 
 # What sd-scripts keeps with --no_metadata.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",

@@ -203,7 +203,7 @@ def _guarded(command):
     """Bad names (attributes, concepts, stages) and models that do not load end in one line on stderr and exit
     status 2."""
     def run(options) -> int:
-        from ..models import ModelError
+        from ..models.loading import ModelError
 
         try:
             return command(options)

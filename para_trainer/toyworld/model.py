@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny_tokenizer import CAPTION_WORDS, tokenizer_files
+from ..models.tiny_tokenizer import CAPTION_WORDS, tokenizer_files
 from .world import vocabulary
 
 TOY_DIR = Path(__file__).resolve().parent / "toy-sd1"

@@ -248,7 +248,7 @@ def stage_latents(workdir: Path, vae, images: np.ndarray, log: Log) -> dict[str,
 
 
 def noise_schedule():
-    from ..models import noise_scheduler
+    from ..models.loading import noise_scheduler
 
     return noise_scheduler(v_parameterization=False)
 

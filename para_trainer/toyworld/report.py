@@ -88,7 +88,7 @@ def sample_sheet(sample_dir: Path, name: str | None, prompts: list[str], subject
     prompt, and a last row with (some of) the training images (the README's quick-start picture)."""
     from PIL import Image
 
-    from ..sampling import contact_sheet, parse_sample_name
+    from ..models.sampling import contact_sheet, parse_sample_name
 
     rows: dict[str, dict[int, Path]] = {}
     for path in sorted(Path(sample_dir).iterdir()):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..files import metadata as file_metadata
 from ..files.export import lora_export_path
-from ..models import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
+from ..models.loading import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
 from ..paths import file_in_the_way
 from .args import ArgsError, check_model_options, parse_args
 from .data import DataError, TrainDataset, load_blueprints
@@ -50,9 +50,9 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     from networks.para import ParaRankLossError
 
-    from ..checkpoint import CheckpointError
+    from ..models.checkpoint import CheckpointError
     from ..hub import HubError
-    from ..sampling import SamplingError
+    from ..models.sampling import SamplingError
 
     return (ArgsError, DataError, ModelError, OptimizerError, TrainError, NetworkArgsError, AdapterFileError,
             CheckpointError, SamplingError, ParaRankLossError, HubError)
@@ -557,7 +557,7 @@ def average_gradients(network, accelerator) -> None:
 def read_prompts(args):
     if not args.sample_prompts:
         return []
-    from ..sampling import read_prompt_file
+    from ..models.sampling import read_prompt_file
 
     return read_prompt_file(args.sample_prompts)
 
@@ -697,7 +697,7 @@ def draw_samples(network, models, prompts, args, tag: str, base: bool = False) -
     """The sample prompts' images with the adapter applied, or with base=True the base model's: the samples "at
     first" of a new adapter show the base, since a PaRa adapter is not a no-op at initialization (it removes r
     random directions); those of an adapter loaded with --network_weights show it as loaded."""
-    from ..sampling import sample_images
+    from ..models.sampling import sample_images
 
     multiplier = network.multiplier
     network.eval()
@@ -717,7 +717,7 @@ def judge_report(args, models, dataset, prompts, before: list, after: list) -> N
     of every sampled step beside the training images, sample/contact_sheet.png (toyworld/report.py)."""
     from pathlib import Path
 
-    from ..sampling import SHEET_NAME, save_png
+    from ..models.sampling import SHEET_NAME, save_png
     from ..toyworld.report import format_scores, identifier_of, identity_scores, is_toy_model, sample_sheet
 
     if not (before and len(before) == len(after) and is_toy_model(models.unet)):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from networks import para
 from para_trainer.files.export import load_base_model
-from para_trainer.sampling import contact_sheet, save_png
+from para_trainer.models.sampling import contact_sheet, save_png
 from para_trainer.toyworld.evaluate import sample
 
 PROMPTS = ["a photo of sks toy on the beach", "a photo of sks toy in the snow", "a photo of a toy",

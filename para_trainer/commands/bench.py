@@ -121,12 +121,12 @@ class Attached:
 def build_unet(options, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
-    from .tiny_models import read_tiny_config, real_unet_config
+    from ..models.tiny import read_tiny_config, real_unet_config
 
     if options.unet == "flux" and not options.model:
         from diffusers import FluxTransformer2DModel
 
-        from .flux.tiny import read_config
+        from ..models.flux.tiny import read_config
 
         config = {k: v for k, v in read_config("transformer").items() if not k.startswith("_")} \
             if getattr(options, "smoke", False) else BENCH_FLUX  # smoke: builtin:tiny-flux's widths
@@ -139,7 +139,7 @@ def build_unet(options, device: torch.device, dtype: torch.dtype):
                        f"{config['attention_head_dim']} (hidden {hidden}), T5 width {config['joint_attention_dim']}; "
                        "every Linear of the blocks adapted (lora_flux's default)")
     elif options.model:
-        from .files.export import load_base_model
+        from ..files.export import load_base_model
 
         unet = load_base_model(options.model).unet
         description = f"{options.model} (its UNet)"

@@ -30,10 +30,10 @@ import torch
 
 from networks.adapter_base import empty_file_message
 
-from . import __version__
-from .models import ARCHITECTURES
-from .tiny_models import CONFIG_DIR as TINY_CONFIG_DIR  # importing tiny_models also hushes diffusers' import
-from .tiny_models import KINDS, TOKENIZER_PAD_TOKENS
+from .. import __version__
+from .loading import ARCHITECTURES
+from .tiny import CONFIG_DIR as TINY_CONFIG_DIR  # importing tiny_models also hushes diffusers' import
+from .tiny import KINDS, TOKENIZER_PAD_TOKENS
 from .tiny_tokenizer import TOKENIZER_DIR
 
 logger = logging.getLogger(__name__)
@@ -509,7 +509,7 @@ def _detect_kind(path: str, state_dict: dict, v2: bool, sdxl: bool | None) -> st
 
 def _read_config(source: str, kind: str, component: str) -> dict:
     if source == "toy":
-        from .toyworld.model import component_config
+        from ..toyworld.model import component_config
 
         return component_config(component)
     return json.loads((CONFIG_SOURCES[source] / kind / f"{component}.json").read_text())
@@ -517,7 +517,7 @@ def _read_config(source: str, kind: str, component: str) -> dict:
 
 def _config_sources(kind: str) -> list[str]:
     """The known models of ``kind`` to match a file against: tiny, real, and toy-sd1 where it is installed."""
-    from .toyworld.model import is_available
+    from ..toyworld.model import is_available
 
     return [s for s in CONFIG_SOURCES if s != "toy" or (kind == "sd1" and is_available())]
 
@@ -600,7 +600,7 @@ def _load_tokenizer(path: str, kind: str, index: int, source: str, tokenizer_dir
     if source == "tiny":
         return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad_token)
     if source == "toy":
-        from .toyworld.model import TOY_DIR
+        from ..toyworld.model import TOY_DIR
 
         return CLIPTokenizer.from_pretrained(TOY_DIR / "tokenizer", pad_token=pad_token)
     repos = TOKENIZER_SOURCES[(kind, index)]

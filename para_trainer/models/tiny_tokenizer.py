@@ -10,7 +10,7 @@ loads it offline and any ASCII (indeed any UTF-8) prompt encodes without unknown
   common words are single tokens and prompts stay short;
 * ``<|startoftext|>`` and ``<|endoftext|>`` as the last two ids, as in the real vocabulary.
 
-Run ``python -m para_trainer.tiny_tokenizer`` to regenerate the committed files.
+Run ``python -m para_trainer.models.tiny_tokenizer`` to regenerate the committed files.
 """
 
 from __future__ import annotations

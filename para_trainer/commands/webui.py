@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 EXTENSION_NAME = "sd-webui-para"
 CORE_PACKAGE = "sd_webui_para_core"  # must match scripts/para_network.py

@@ -1,6 +1,6 @@
 """How presets/single_image_edit.toml's values were chosen: a grid of rank × learning rate × steps, measured.
 
-    python -m para_trainer.edit_study --out output/edit_study [--ranks 1 2 4 8] [--lrs 1e-3 3e-3 1e-2]
+    python -m para_trainer.commands.edit_study --out output/edit_study [--ranks 1 2 4 8] [--lrs 1e-3 3e-3 1e-2]
                                       [--steps 100 200] [--seeds 4]
 
 Each setting trains PaRa with the preset on its one image (para_trainer/example_data/one_image) and then
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files.adapter_files import adapters_applied, read_adapter
-from .training.example_images import ONE_IMAGE_CAPTION, ONE_IMAGE_FOLDER, PACKAGE_COPY
-from .sampling import make_scheduler
+from ..files.adapter_files import adapters_applied, read_adapter
+from ..training.example_images import ONE_IMAGE_CAPTION, ONE_IMAGE_FOLDER, PACKAGE_COPY
+from ..models.sampling import make_scheduler
 
 PRESET = "presets/single_image_edit.toml"
 EDITS = [
@@ -70,7 +70,7 @@ def measure(models, target: np.ndarray, seeds: int) -> dict[str, float]:
 
 def train_setting(out_dir: str, rank: int, lr: float, steps: list[int]) -> dict[int, str]:
     """Train with the preset at (rank, lr), saving at every step count in `steps`; {steps: adapter file}."""
-    from .training.train import main as train_main
+    from ..training.train import main as train_main
 
     every = min(steps)
     if any(s % every for s in steps):
@@ -88,7 +88,7 @@ def train_setting(out_dir: str, rank: int, lr: float, steps: list[int]) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m para_trainer.edit_study", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m para_trainer.commands.edit_study", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="output/edit_study")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from .files.export import load_base_model
+    from ..files.export import load_base_model
 
     models = load_base_model("builtin:tiny-sd1")
     image_path = glob.glob(os.path.join(PACKAGE_COPY, *ONE_IMAGE_FOLDER.split("/"), "*.png"))[0]

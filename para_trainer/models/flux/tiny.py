@@ -70,6 +70,6 @@ def build_tiny_flux(seed: int = 0, torch_dtype=torch.float32) -> FluxPipeline:
 
 def save_tiny_flux(directory, seed: int = 0) -> Path:
     """`build_tiny_flux(seed)` as a diffusers folder (safetensors) that `FluxPipeline.from_pretrained` loads."""
-    from ..tiny_models import save_pretrained_quietly
+    from ..tiny import save_pretrained_quietly
 
     return save_pretrained_quietly(build_tiny_flux(seed), directory)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from networks.adapter_base import AdapterFileError
 
-from .files.adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
-from .flux import add_flux_part_arguments
-from .paths import file_in_the_way
-from .sampling import (SHEET_NAME, SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file,
+from ..files.adapter_files import AdapterFile, adapters_applied, layer_chains, parse_file_and_strength, read_adapter
+from ..models.flux import add_flux_part_arguments
+from ..paths import file_in_the_way
+from ..models.sampling import (SHEET_NAME, SamplePrompt, SamplingError, contact_sheet, generate_image, read_prompt_file,
                        save_png)
 
 
@@ -113,10 +113,10 @@ def check_device(device: str | None) -> None:
 
 def run_sample(options) -> int:
     """`para-trainer sample` (options from cli.py); errors are printed as one line, exit status 2."""
-    from .checkpoint import CheckpointError
-    from .files.export import load_base_model
-    from .hub import HubError, resolve_path
-    from .models import ModelError
+    from ..models.checkpoint import CheckpointError
+    from ..files.export import load_base_model
+    from ..hub import HubError, resolve_path
+    from ..models.loading import ModelError
 
     try:
         if bool(options.prompt) == bool(options.prompts_file):
@@ -154,7 +154,7 @@ def run_sample(options) -> int:
 
 
 def add_subcommand(commands) -> None:
-    from .sampling import SAMPLERS
+    from ..models.sampling import SAMPLERS
 
     sample_parser = commands.add_parser("sample", help="images with adapters applied, and a contact sheet")
     sample_parser.add_argument("--model", required=True, help="the base model: diffusers folder, .safetensors/.ckpt, "

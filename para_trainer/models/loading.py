@@ -168,14 +168,14 @@ def _load_flux(args, source: str, torch_dtype) -> FluxModels:
 
 
 def _load_builtin(source: str, torch_dtype):
-    from .tiny_models import build_tiny_pipeline
+    from .tiny import build_tiny_pipeline
 
     name = source[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_MODELS:
         raise ModelError(f"unknown built-in model {source!r}; choose one of "
                          + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
     if name == "toy-sd1":
-        from .toyworld.model import load_toy_pipeline
+        from ..toyworld.model import load_toy_pipeline
 
         try:
             return load_toy_pipeline(torch_dtype)
