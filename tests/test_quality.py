@@ -228,3 +228,29 @@ def test_multi_subject_merges_or_adds_two_subjects_and_scores_each(tmp_path, mon
     real_main = train_module.main
     monkeypatch.setattr(train_module, "main", lambda argv: calls.append(argv) or real_main(argv))
     assert multi_subject.MultiSubject(study).run() == result and calls == []
+
+
+def test_para_is_compared_with_locon_lokr_and_krona_and_krona_with_lora():
+    cells = [fake_cell("para-exca", 2, c, 0, 0.5) for c in "abc"]
+    cells += [fake_cell(m, r, c, 0, 0.4 + 0.01 * i) for m, r in (("locon", 1), ("krona", 0), ("lora", 1))
+              for i, c in enumerate("abc")]
+    claims = {c["claim"]: c for c in report.claims(cells)}
+    assert claims["PaRa (exca) r=2 vs LoCon (LyCORIS) r=1"]["fidelity"]["mean_difference"] == pytest.approx(0.09)
+    assert claims["PaRa (exca) r=2 vs KronA (ours)"]["b"] == ["krona", 0]
+    assert claims["KronA vs LoRA r=1 (DiffuseKronA)"]["fidelity"]["mean_difference"] == pytest.approx(0)
+    assert not any("LoKr" in name for name in claims)  # no LoKr cells, no row
+
+
+def test_learning_rate_sensitivity_pairs_each_concepts_spread_over_the_rates_both_ran():
+    cells = []
+    for i, c in enumerate("abcd"):  # LoRA moves by 0.3 (+0.01 i) across rates, KronA by 0.1
+        cells += [fake_cell("lora", 1, c, 0, 0.5), fake_cell("lora", 1, c, 0, 0.2 - 0.01 * i, lr_factor=3.0),
+                  fake_cell("lora", 1, c, 0, 0.45, lr_factor=0.3)]
+        cells += [fake_cell("krona", 0, c, 0, 0.5), fake_cell("krona", 0, c, 0, 0.4, lr_factor=3.0)]
+    cells.append(fake_cell("krona", 0, "e", 0, 0.9))  # one rate only: not a pair
+    (claim,) = report.sensitivity(cells)
+    assert claim["a"] == ["krona", 0] and claim["factors"] == ["1", "3"]  # x0.3 is LoRA's alone: not compared
+    assert claim["spread"]["pairs"] == 4
+    assert claim["spread"]["mean_difference"] == pytest.approx(0.3 + 0.015 - 0.1)
+    assert claim["spread"]["verdict"] == "holds"
+    assert "less sensitive" in report.markdown({}, None, [], {}, [claim])

@@ -165,6 +165,45 @@ def claims(cells: list[dict]) -> list[dict]:
             if result["fidelity"]["pairs"]:
                 out.append({"claim": f"PaRa r={k} + LoRA r=1 vs {METHODS[other].label} r={k}",
                             "a": ["para+lora", k], "b": [other, k], **result})
+    others = [(other, k, f"{METHODS[other].label} r={k}") for other in ("locon", "lokr") for k in KS]
+    for other, k, label in others + [("krona", 0, METHODS["krona"].label)]:  # PaRa at 2k against the rest at k
+        for para in ("para-exca", "para"):
+            result = compare(cells, (para, 2 * max(k, 1)), (other, k))
+            if result["fidelity"]["pairs"]:
+                out.append({"claim": f"{METHODS[para].label} r={2 * max(k, 1)} vs {label}",
+                            "a": [para, 2 * max(k, 1)], "b": [other, k], **result})
+    result = compare(cells, ("krona", 0), ("lora", 1))  # DiffuseKronA's own claim against LoRA
+    if result["fidelity"]["pairs"]:
+        out.append({"claim": "KronA vs LoRA r=1 (DiffuseKronA)", "a": ["krona", 0], "b": ["lora", 1], **result})
+    return out
+
+
+def sensitivity(cells: list[dict]) -> list[dict]:
+    """DiffuseKronA's claim as a paired test: for each (concept, seed) the spread of the combined score across the
+    learning-rate factors that both methods ran there; LoRA's spread minus the other method's, so "holds" means
+    less sensitive to the learning rate than LoRA."""
+    runs: dict[tuple, dict[tuple, dict[float, float]]] = {}
+    for cell in cells:
+        pair = (cell["concept"], cell["seed"], cell["steps"])
+        by_rate = runs.setdefault((cell["method"], cell["rank"]), {}).setdefault(pair, {})
+        by_rate[cell.get("lr_factor", 1.0)] = combined(cell["final"])
+    out = []
+    for (method, rank), pairs in sorted(runs.items()):
+        for lora_rank in sorted({r for m, r in runs if m == "lora" and method != "lora"}):
+            lora = runs[("lora", lora_rank)]
+            diffs, factors = [], set()
+            for key in sorted(set(pairs) & set(lora)):
+                common = set(pairs[key]) & set(lora[key])
+                if len(common) < 2:
+                    continue
+                factors |= common
+                spread = [max(d[f] for f in common) - min(d[f] for f in common) for d in (lora[key], pairs[key])]
+                diffs.append(spread[0] - spread[1])
+            if diffs:
+                label = METHODS[method].label + (f" r={rank}" if METHODS[method].ranked else "")
+                out.append({"claim": f"{label} less sensitive to the learning rate than LoRA r={lora_rank}",
+                            "a": [method, rank], "b": ["lora", lora_rank],
+                            "factors": [f"{f:g}" for f in sorted(factors)], "spread": verdict(diffs)})
     return out
 
 
@@ -211,7 +250,8 @@ def _fmt(cell: dict) -> str:
     return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
 
 
-def markdown(table: dict, base: dict | None, comparisons: list[dict], spread: dict) -> str:
+def markdown(table: dict, base: dict | None, comparisons: list[dict], spread: dict,
+             sensitive: list[dict] = ()) -> str:
     lines = ["| method | params | file KB | cells | fidelity | fidelity gain | recognition | alignment | leak | "
              "class acc. | diversity | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if base:
@@ -230,6 +270,13 @@ def markdown(table: dict, base: dict | None, comparisons: list[dict], spread: di
             cells = [c[m] for m in ("fidelity", "alignment", "class_accuracy", "combined")]
             lines.append(f"| {c['claim']} | {c['fidelity']['pairs']} | " + " | ".join(_difference(x) for x in cells)
                          + " |")
+    if sensitive:
+        lines += ["", "Learning-rate sensitivity: per concept and seed, the spread of the combined score over the rates "
+                  "both ran; LoRA's spread minus the method's (± two standard errors; \"holds\": less sensitive).", "",
+                  "| claim | rates | pairs | Δ spread |", "|---|---|---|---|"]
+        for c in sensitive:
+            lines.append(f"| {c['claim']} | x{', x'.join(c['factors'])} | {c['spread']['pairs']} | "
+                         f"{_difference(c['spread'])} |")
     if spread:
         lines += ["", "Learning rates (combined score, on the concept and seed pairs every rate has):", "",
                   "| method | " + " | ".join(f"x{f}" for f in ("0.3", "1", "3")) + " | pairs | spread | best |",
@@ -285,16 +332,16 @@ def write_report(out) -> dict:
     table = summarize(cells)
     base = base_scores(out, {c["concept"] for c in cells})
     comparisons = claims(cells)
-    spread = sweep_spread(cells)
+    spread, sensitive = sweep_spread(cells), sensitivity(cells)
     single = single_image_table(load_cells(out, "single-image"))
     summary = {"cells": len(cells), "base": base, "table": table, "comparisons": comparisons,
-               "learning_rate_sweep": spread, "single_image": single}
+               "learning_rate_sweep": spread, "learning_rate_sensitivity": sensitive, "single_image": single}
     figures = plots(out, table, base) if table else []
     summary["plots"] = figures
     tmp = out / ".results.json.tmp"
     out.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(table, base, comparisons, spread)
+    (out / "results.md").write_text(markdown(table, base, comparisons, spread, sensitive)
                                     + (single_image_markdown(single) if single else ""))
     return summary
