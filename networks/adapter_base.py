@@ -717,6 +717,51 @@ def standard_module_name(name: str) -> str:
     return _CLIP_WITHOUT_TEXT_MODEL.sub(r"\1_text_model_encoder_layers_", name)
 
 
+def rename_modules(path: str, renames: dict[str, str], out: str) -> None:
+    """Copy the safetensors adapter `path` to `out` with its modules renamed (old -> new), metadata kept; written
+    through a temporary name beside `out`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {}
+        for key in f.keys():
+            module, dot, part = key.partition(".")
+            tensors[renames.get(module, module) + dot + part] = f.get_tensor(key)
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def file_modules(path: str) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {key.partition(".")[0] for key in f.keys()}
+
+
+def standardize_module_names(path: str) -> int:
+    """Give a safetensors adapter written by another network module (LyCORIS under transformers 5) the module names
+    every front end reads (standard_module_name), in place; the number of modules renamed (0: file untouched)."""
+    renames = {m: standard_module_name(m) for m in file_modules(path) if standard_module_name(m) != m}
+    if renames:
+        rename_modules(path, renames, path)
+    return len(renames)
+
+
+def renames_for_network(path: str, network_modules: set[str]) -> dict[str, str]:
+    """File module -> the network's own name for it, where the network names a module otherwise than the file's
+    standard name (LyCORIS under transformers 5 loading a file with sd-scripts' text-encoder names)."""
+    own_by_standard = {standard_module_name(m): m for m in network_modules if standard_module_name(m) != m}
+    return {m: own_by_standard[m] for m in file_modules(path) if m not in network_modules and m in own_by_standard}
+
+
 def module_kind_of_parts(parts) -> str:
     """The adapter type of one module from its part names (`lora_up.weight`, `para_q`, ...)."""
     parts = set(parts)

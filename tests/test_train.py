@@ -278,3 +278,45 @@ def test_bad_sample_prompt_file_stops_before_writing(tmp_path, capsys):
     assert main(base_args(out, "builtin:tiny-sd1", 2, "--sample_prompts", str(prompts))) == 2
     assert "prompts.toml" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_lycoris_file_keeps_sd_scripts_text_encoder_names_for_the_webuis_and_loads_back(tmp_path):
+    """LyCORIS under transformers 5 names text-encoder modules lora_te_encoder_layers_..., which no front end reads
+    (CLIPTextModel lost its text_model level); the trainer saves them under sd-scripts' names, diffusers' kohya
+    loader then changes the text encoder as our tools do, and --network_weights loads every weight back into
+    LyCORIS."""
+    from lycoris import kohya
+
+    from para_trainer.files.adapter_files import apply_adapters, read_adapter
+    from para_trainer.files.export import load_base_model
+    from para_trainer.training.train import load_network_weights
+
+    assert main(base_args(tmp_path, "builtin:tiny-sd1", 2, "--network_module", "lycoris.kohya", "--network_args",
+                          "algo=locon", "preset=attn-mlp", "--learning_rate", "1e-2")) == 0
+    path = str(tmp_path / "run.safetensors")
+    tensors, _ = read_file(path)
+    modules = {key.partition(".")[0] for key in tensors if key.startswith("lora_te")}
+    assert modules and all(name.startswith("lora_te_text_model_encoder_layers_") for name in modules)
+
+    ours = load_base_model("builtin:tiny-sd1")
+    ids = ours.tokenizers[0](["a photo of sks toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = ours.text_encoder_for_network(ids)[0]
+        apply_adapters(ours, [(read_adapter(path), 1.0)])
+        want = ours.text_encoder_for_network(ids)[0]
+        theirs = load_base_model("builtin:tiny-sd1").pipeline
+        theirs.load_lora_weights(path)
+        got = theirs.text_encoder(ids)[0]
+    assert (want - base).norm() > 1e-5
+    assert (got - want).norm() / (want - base).norm() < 1e-3
+
+    fresh = load_base_model("builtin:tiny-sd1")
+    network = kohya.create_network(1.0, 2, 1.0, fresh.vae, fresh.text_encoder_for_network, fresh.unet, algo="locon",
+                                   preset="attn-mlp")
+    network.apply_to(fresh.text_encoder_for_network, fresh.unet, True, True)
+    info = load_network_weights(network, path)
+    assert not info.get("unexpected keys") and not info.get("missing keys")
+    state = network.state_dict()
+    loaded = {key.replace("lora_te_encoder_layers_", "lora_te_text_model_encoder_layers_"): value
+              for key, value in state.items()}
+    assert all(torch.equal(loaded[key], tensors[key].to(loaded[key].dtype)) for key in tensors)

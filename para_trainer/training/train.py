@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from networks.adapter_base import rename_modules, renames_for_network, standardize_module_names
+
 from ..files import metadata as file_metadata
 from ..files.export import lora_export_path
 from ..models.loading import ModelError, encode_prompts, load_models, noise_scheduler, sdxl_time_ids
@@ -400,6 +402,20 @@ def store_base_in_fp8(network, models, weight_dtype) -> None:
     network.apply_to(models.text_encoder_for_network, models.unet, True, True)
 
 
+def load_network_weights(network, path: str):
+    """network.load_weights(path); a file with sd-scripts' text-encoder names loads into a network module that names
+    them otherwise (LyCORIS under transformers 5) through a renamed temporary copy."""
+    renames = {}
+    if path.endswith(".safetensors"):
+        renames = renames_for_network(path, {key.partition(".")[0] for key in network.state_dict()})
+    if not renames:
+        return network.load_weights(path)
+    with tempfile.TemporaryDirectory() as folder:
+        copy = os.path.join(folder, os.path.basename(path))
+        rename_modules(path, renames, copy)
+        return network.load_weights(copy)
+
+
 def build_network(args, models, weight_dtype, device):
     """The network module (sd-scripts' way), --base_weights merged first, --network_weights loaded after."""
     module_name = args.network_module or "networks.para"
@@ -434,7 +450,7 @@ def build_network(args, models, weight_dtype, device):
     train_text_encoder = not args.network_train_unet_only
     network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
     if args.network_weights:
-        info = network.load_weights(args.network_weights)
+        info = load_network_weights(network, args.network_weights)
         logger.info("loaded --network_weights %s: %s", args.network_weights, info)
     network.to(device)
     if hasattr(network, "file_metadata"):  # which base the adapter belongs to: its LoRA export is exact only there
@@ -628,8 +644,10 @@ class OutputFiles:
         path = self.adapter_path(step, epoch, final)
         with writing(path):
             network.save_weights(path, SAVE_DTYPES.get(self.args.save_precision), metadata)
+            renamed = standardize_module_names(path) if path.endswith(".safetensors") else 0
         self.written.append(path)
-        logger.info("saved %s", path)
+        logger.info("saved %s%s", path, f" ({renamed} text-encoder modules given sd-scripts' names, "
+                    "lora_te_text_model_..., that the WebUIs read)" if renamed else "")
         fp8 = self.args.fp8_base or self.args.fp8_base_unet  # W0 in memory is fp8-rounded: not the base users have
         if fp8 and final and path.endswith(".safetensors") and not self.args.no_export_lora:
             parts = "".join(f" --{name} {getattr(self.args, name)}" for name in ("ae", "clip_l", "t5xxl")
