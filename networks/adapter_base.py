@@ -718,25 +718,14 @@ def standard_module_name(name: str) -> str:
 
 
 def rename_modules(path: str, renames: dict[str, str], out: str) -> None:
-    """Copy the safetensors adapter `path` to `out` with its modules renamed (old -> new), metadata kept; written
-    through a temporary name beside `out`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {}
-        for key in f.keys():
-            module, dot, part = key.partition(".")
-            tensors[renames.get(module, module) + dot + part] = f.get_tensor(key)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Copy the safetensors adapter `path` to `out` with its modules renamed (old -> new); metadata kept, hashes
+    computed again, written through a temporary name."""
+    tensors, metadata = _read_tensor_file(path)
+    renamed = {}
+    for key, tensor in tensors.items():
+        module, dot, part = key.partition(".")
+        renamed[renames.get(module, module) + dot + part] = tensor
+    write_adapter_file(out, renamed, metadata)
 
 
 def file_modules(path: str) -> set[str]:
